@@ -1,0 +1,455 @@
+"""One config schema for every verb: defaults <- YAML <- command line -> one validated `Config`.
+
+Keys are MindCV's (`mindcv/config.py`), so a MindCV recipe loads unchanged; keys that have no meaning in
+PyTorch (graph mode, dataset sinking, Ascend device ids) are accepted with a one-line notice. An unknown key
+or a wrong type is a `ConfigError` naming the key and the closest valid one. Every value remembers where it
+came from (`Config.sources`), and that record is saved in the run directory.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import sys
+import types
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad config: unknown key, wrong type or impossible value. The CLI prints it and exits with 2."""
+
+
+def _f(default: Any, help: str, group: str, choices: Sequence[Any] | None = None, **kw: Any) -> Any:
+    meta = {"help": help, "group": group, "choices": tuple(choices) if choices else None}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata=meta, **kw)
+    return field(default=default, metadata=meta, **kw)
+
+
+SYS, DATA, AUG, MODEL, OPT, SCHED, LOSS, CKPT = (
+    "system", "dataset", "augmentation", "model", "optimizer", "scheduler", "loss", "checkpoint")
+
+
+@dataclass
+class Config:
+    # -- system -----------------------------------------------------------------------------------
+    distribute: bool = _f(False, "run data-parallel over all launched processes (torchrun/mpirun)", SYS)
+    device: str = _f("auto", "auto (CUDA if present, else CPU), cpu, cuda or cuda:N", SYS)
+    seed: int = _f(42, "random seed; each rank adds its rank for augmentation", SYS)
+    deterministic: bool = _f(False, "bit-identical runs (deterministic kernels, fixed worker seeds)", SYS)
+    log_interval: int = _f(100, "steps between log lines when output is not a terminal", SYS)
+    val_while_train: bool = _f(False, "validate on val_split during training", SYS)
+    val_interval: int = _f(1, "epochs between validations", SYS)
+    compile: bool = _f(False, "torch.compile the model", SYS)
+    fsdp: bool = _f(False, "shard parameters with FSDP instead of replicating them (DDP)", SYS)
+    scale_lr: bool = _f(False, "scale lr linearly by global batch / reference_batch_size", SYS)
+    reference_batch_size: Optional[int] = _f(None, "global batch the recipe's lr was tuned for", SYS)
+    nan_policy: str = _f("stop", "on a non-finite loss: stop, or rollback to the last checkpoint", SYS,
+                         choices=("stop", "rollback"))
+    max_steps: Optional[int] = _f(None, "stop after this many optimizer steps (schedule unchanged)", SYS)
+    resume: Union[bool, str] = _f(False, "continue a run: a checkpoint path, or true for the latest "
+                                         "checkpoint in ckpt_save_dir", SYS)
+    smoke: bool = _f(False, "shrink any recipe to a few steps on a few images, to check it runs", SYS)
+    # -- dataset ----------------------------------------------------------------------------------
+    dataset: str = _f("imagenet", "imagenet / imagefolder (data_dir/<split>/<class>/*), cifar10, cifar100", DATA)
+    data_dir: Optional[str] = _f(None, "dataset root", DATA)
+    shuffle: bool = _f(True, "shuffle training data", DATA)
+    dataset_download: bool = _f(False, "download the dataset (cifar10/cifar100) if it is not in data_dir", DATA)
+    batch_size: int = _f(128, "images per device per step", DATA)
+    drop_remainder: bool = _f(True, "drop the last partial training batch", DATA)
+    train_split: str = _f("train", "training split folder", DATA)
+    val_split: str = _f("val", "validation split folder", DATA)
+    num_parallel_workers: int = _f(8, "data loader worker processes", DATA)
+    num_samples: Optional[int] = _f(None, "use a stratified, seeded subset of this many training images", DATA)
+    num_classes: Optional[int] = _f(None, "number of classes (default: the dataset's)", DATA)
+    aug_repeats: int = _f(0, "repeated augmentation: each image this many times per epoch (0/1 = off)", DATA)
+    # -- augmentation -----------------------------------------------------------------------------
+    image_resize: int = _f(224, "training crop size and model input size", AUG)
+    scale: tuple[float, float] = _f((0.08, 1.0), "RandomResizedCrop area range", AUG)
+    ratio: tuple[float, float] = _f((0.75, 1.333), "RandomResizedCrop aspect-ratio range", AUG)
+    hflip: float = _f(0.5, "horizontal flip probability", AUG)
+    vflip: float = _f(0.0, "vertical flip probability", AUG)
+    color_jitter: Optional[float] = _f(None, "brightness/contrast/saturation jitter strength", AUG)
+    interpolation: str = _f("bilinear", "resize interpolation", AUG,
+                            choices=("bilinear", "bicubic", "nearest", "lanczos", "area"))
+    auto_augment: Optional[str] = _f(None, "randaug-m9-mstd0.5, autoaug, autoaugr, trivialaugwide, augmix, 3a", AUG)
+    re_prob: float = _f(0.0, "random erasing probability", AUG)
+    re_scale: tuple[float, float] = _f((0.02, 0.33), "random erasing area range", AUG)
+    re_ratio: tuple[float, float] = _f((0.3, 3.3), "random erasing aspect-ratio range", AUG)
+    re_value: Union[float, str] = _f(0, "random erasing fill: a number or 'random'", AUG)
+    re_max_attempts: int = _f(10, "random erasing attempts", AUG)
+    mean: Optional[tuple[float, float, float]] = _f(None, "normalization mean (0-1 or 0-255 units; default: model's)", AUG)
+    std: Optional[tuple[float, float, float]] = _f(None, "normalization std (0-1 or 0-255 units; default: model's)", AUG)
+    crop_pct: Optional[float] = _f(None, "eval: resize to image_resize / crop_pct, center crop (default: model's)", AUG)
+    mixup: float = _f(0.0, "mixup alpha (0 = off)", AUG)
+    cutmix: float = _f(0.0, "cutmix alpha (0 = off)", AUG)
+    cutmix_prob: float = _f(1.0, "probability of applying mixup or cutmix to a batch", AUG)
+    mixup_switch_prob: float = _f(0.5, "probability of cutmix instead of mixup when both are on", AUG)
+    # -- model ------------------------------------------------------------------------------------
+    model: str = _f("vit_b_32_224", "registered model name (`vitkit models`)", MODEL)
+    pretrained: Union[bool, str] = _f(False, "true (the model's default weights), a file, URL or hub id", MODEL)
+    ckpt_path: str = _f("", "weights to start from (any supported format), or with resume_opt a run to resume", MODEL)
+    resume_opt: bool = _f(False, "with ckpt_path: also restore optimizer, scheduler and step", MODEL)
+    in_channels: int = _f(3, "input channels", MODEL)
+    drop_rate: float = _f(0.0, "dropout before the head", MODEL)
+    drop_path_rate: float = _f(0.0, "stochastic depth rate of the last block", MODEL)
+    grad_checkpointing: bool = _f(False, "recompute activations in backward to save memory", MODEL)
+    ema: bool = _f(False, "keep an exponential moving average of the weights", MODEL)
+    ema_decay: float = _f(0.9999, "EMA decay per step", MODEL)
+    epoch_size: int = _f(90, "number of training epochs", MODEL)
+    amp_level: str = _f("O0", "O0 fp32; O1/O2 autocast (bf16 where supported, else fp16 + loss scaling); O3 bf16 "
+                              "weights", MODEL, choices=("O0", "O1", "O2", "O3"))
+    gradient_accumulation_steps: int = _f(1, "micro-batches per optimizer step", MODEL)
+    clip_grad: bool = _f(False, "clip the global gradient norm to clip_value", MODEL)
+    clip_value: float = _f(15.0, "max gradient norm", MODEL)
+    # -- checkpoint -------------------------------------------------------------------------------
+    ckpt_save_dir: str = _f("./ckpt", "run directory: checkpoints, logs, metrics", CKPT)
+    ckpt_save_interval: int = _f(1, "epochs between checkpoints", CKPT)
+    ckpt_save_policy: str = _f("latest_k", "which checkpoints to keep", CKPT, choices=("latest_k", "top_k"))
+    keep_checkpoint_max: int = _f(10, "how many checkpoints the policy keeps (plus last and best)", CKPT)
+    # -- optimizer --------------------------------------------------------------------------------
+    opt: str = _f("adamw", "optimizer", OPT, choices=("adamw", "adam", "sgd", "momentum", "lamb", "lion"))
+    momentum: float = _f(0.9, "momentum (sgd/momentum) or beta1 (adam/adamw/lamb/lion)", OPT)
+    beta2: float = _f(0.999, "second-moment decay (adam/adamw/lamb), beta2 of lion", OPT)
+    eps: float = _f(1e-8, "optimizer epsilon", OPT)
+    weight_decay: float = _f(1e-6, "weight decay", OPT)
+    weight_decay_filter: str = _f("disable", "which parameters skip weight decay: disable (none), "
+                                             "auto (no_weight_decay + 1-d), norm_and_bias (1-d)", OPT,
+                                  choices=("disable", "auto", "norm_and_bias"))
+    use_nesterov: bool = _f(False, "nesterov momentum", OPT)
+    layer_decay: Optional[float] = _f(None, "layer-wise lr decay factor (e.g. 0.65 for finetuning)", OPT)
+    loss_scale_type: str = _f("dynamic", "fp16 loss scaling", OPT, choices=("fixed", "dynamic", "auto"))
+    loss_scale: float = _f(1024.0, "initial (dynamic) or constant (fixed) fp16 loss scale", OPT)
+    # -- scheduler --------------------------------------------------------------------------------
+    scheduler: str = _f("cosine_decay", "lr schedule", SCHED, choices=(
+        "cosine_decay", "step_decay", "multi_step_decay", "exponential_decay", "polynomial_decay",
+        "constant", "warmup_cosine_decay"))
+    lr: float = _f(0.001, "peak learning rate", SCHED)
+    min_lr: float = _f(1e-6, "final learning rate of decaying schedules", SCHED)
+    warmup_epochs: float = _f(3, "linear warmup length in epochs", SCHED)
+    warmup_factor: float = _f(0.0, "warmup starts at lr * warmup_factor", SCHED)
+    decay_epochs: Optional[float] = _f(None, "decay length in epochs (default: epoch_size - warmup_epochs)", SCHED)
+    decay_rate: float = _f(0.9, "factor of step/multi_step/exponential decay", SCHED)
+    multi_step_decay_milestones: list[int] = _f([30, 60, 90], "epochs at which multi_step_decay decays", SCHED)
+    lr_epoch_stair: bool = _f(False, "keep lr constant within an epoch", SCHED)
+    num_cycles: int = _f(1, "cosine cycles", SCHED)
+    cycle_decay: float = _f(1.0, "peak lr factor per cosine cycle", SCHED)
+    power: float = _f(1.0, "power of polynomial_decay", SCHED)
+    # -- loss -------------------------------------------------------------------------------------
+    loss: str = _f("CE", "CE (softmax cross entropy) or BCE", LOSS, choices=("CE", "BCE"))
+    label_smoothing: float = _f(0.0, "label smoothing", LOSS)
+
+    # Filled by the loader, not by the user: where each value came from.
+    sources: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
+
+    # -- derived --------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        out = {}
+        for f in fields(self):
+            if f.name == "sources":
+                continue
+            v = getattr(self, f.name)
+            out[f.name] = list(v) if isinstance(v, tuple) else v
+        return out
+
+    def to_yaml(self, with_sources: bool = True) -> str:
+        """The resolved config; each line says where its value came from."""
+        lines, group = [], None
+        for f in fields(self):
+            if f.name == "sources":
+                continue
+            if f.metadata["group"] != group:
+                group = f.metadata["group"]
+                lines.append(f"# -- {group}")
+            dumped = yaml.safe_dump({f.name: self.to_dict()[f.name]}, default_flow_style=True, width=1000).strip()
+            dumped = dumped[1:-1] if dumped.startswith("{") else dumped
+            src = self.sources.get(f.name, "default")
+            lines.append(f"{dumped}  # {src}" if with_sources else dumped)
+        return "\n".join(lines) + "\n"
+
+
+# Keys of MindCV recipes that mean nothing in PyTorch: accepted, announced, ignored.
+IGNORED_KEYS: dict[str, str] = {
+    "mode": "MindSpore graph/pynative mode; PyTorch runs eagerly (use compile: true for a compiled graph)",
+    "dataset_sink_mode": "MindSpore data sinking; the PyTorch loader prefetches instead",
+    "device_target": "the device is chosen automatically (or with device:)",
+    "amp_cast_list": "autocast decides per op in PyTorch",
+    "drop_overflow_update": "the fp16 loss scaler always skips steps with overflowed gradients",
+    "enable_modelarts": "ModelArts is Huawei-cloud specific",
+    "multi_data_url": "ModelArts is Huawei-cloud specific",
+    "data_url": "ModelArts is Huawei-cloud specific",
+    "ckpt_url": "ModelArts is Huawei-cloud specific",
+    "train_url": "ModelArts is Huawei-cloud specific",
+    "pretrain_url": "ModelArts is Huawei-cloud specific",
+    "jit_level": "MindSpore compiler setting",
+    "auto_tuning": "MindSpore compiler setting",
+    "val_amp_level": "validation uses amp_level",
+    "ps_mode": "MindSpore parameter-server mode",
+    "aug_splits": "augmentation splits (AugMix JSD) are not supported; ignored",
+    "num_parallel_workers_eval": "one worker setting covers both loaders",
+    "eval_batch_size": "validation uses batch_size",
+}
+# Old MindCV spellings mapped onto today's keys.
+RENAMED_KEYS: dict[str, tuple[str, Any]] = {
+    "filter_bias_and_bn": ("weight_decay_filter", lambda v: "norm_and_bias" if v else "disable"),
+}
+
+FIELDS = {f.name: f for f in fields(Config) if f.name != "sources"}
+
+
+def _type_name(tp: Any) -> str:
+    names = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+    if tp in names:
+        return names[tp]
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) if a is not type(None) else "null" for a in typing.get_args(tp))
+    if origin is tuple:
+        return f"a list of {len(typing.get_args(tp))} numbers"
+    if origin is list:
+        return "a list of integers"
+    return str(tp)
+
+
+def _coerce(value: Any, tp: Any) -> tuple[bool, Any]:
+    """(ok, value converted to `tp`). Only lossless conversions: int -> float, list -> tuple."""
+    if tp is Any:
+        return True, value
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            ok, v = _coerce(value, arg)
+            if ok:
+                return True, v
+        return False, value
+    if tp is type(None):
+        return value is None, None
+    if tp is bool:
+        return isinstance(value, bool), value
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return True, float(value)
+        return False, value
+    if tp is str:
+        return isinstance(value, str), value
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if isinstance(value, (list, tuple)) and len(value) == len(args):
+            out = [_coerce(v, a) for v, a in zip(value, args)]
+            return all(ok for ok, _ in out), tuple(v for _, v in out)
+        return False, value
+    if origin is list:
+        (arg,) = typing.get_args(tp)
+        if isinstance(value, (list, tuple)):
+            out = [_coerce(v, arg) for v in value]
+            return all(ok for ok, _ in out), [v for _, v in out]
+        return False, value
+    raise TypeError(f"unsupported config type {tp}")
+
+
+_HINTS = typing.get_type_hints(Config)
+
+
+def _suggest(key: str) -> str:
+    close = difflib.get_close_matches(key, list(FIELDS) + list(IGNORED_KEYS), n=1, cutoff=0.6)
+    return f"; did you mean '{close[0]}'?" if close else "; see `vitkit train --help` for the keys"
+
+
+def _set(cfg: Config, key: str, value: Any, source: str, notices: list[str]) -> None:
+    if key in IGNORED_KEYS:
+        notices.append(f"note: '{key}' ({source}) is ignored: {IGNORED_KEYS[key]}")
+        return
+    if key in RENAMED_KEYS:
+        new_key, convert = RENAMED_KEYS[key]
+        notices.append(f"note: '{key}' ({source}) is the old spelling of '{new_key}'")
+        key, value = new_key, convert(value)
+    if key not in FIELDS:
+        raise ConfigError(f"unknown config key '{key}' ({source}){_suggest(key)}")
+    tp = _HINTS[key]
+    ok, converted = _coerce(value, tp)
+    if not ok:
+        raise ConfigError(f"config key '{key}' ({source}): expected {_type_name(tp)}, got {value!r}")
+    setattr(cfg, key, converted)
+    cfg.sources[key] = source
+
+
+def _parse_cli_value(text: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def parse_cli(argv: Sequence[str]) -> tuple[Optional[str], list[tuple[str, Any]]]:
+    """`-c FILE --key value --key=value --flag k1 k2` -> (config file, [(key, value)]).
+
+    A flag with no value is true; several values make a list (`--scale 0.08 1.0`); `--no-flag` is false.
+    """
+    config_path, pairs, i = None, [], 0
+    argv = list(argv)
+    while i < len(argv):
+        arg = argv[i]
+        if arg in ("-c", "--config"):
+            if i + 1 >= len(argv):
+                raise ConfigError(f"{arg} needs a YAML file path")
+            config_path, i = argv[i + 1], i + 2
+            continue
+        if arg.startswith("--config="):
+            config_path, i = arg.split("=", 1)[1], i + 1
+            continue
+        if not arg.startswith("--") or len(arg) == 2:
+            raise ConfigError(f"unexpected argument {arg!r}: options look like --key value")
+        key, _, inline = arg[2:].partition("=")
+        key = key.replace("-", "_")
+        i += 1
+        if inline or arg.endswith("="):
+            pairs.append((key, _parse_cli_value(inline)))
+            continue
+        values = []
+        while i < len(argv) and not (argv[i].startswith("--") and len(argv[i]) > 2 and not _is_number(argv[i])) \
+                and argv[i] not in ("-c",):
+            values.append(_parse_cli_value(argv[i]))
+            i += 1
+        if not values:
+            if key.startswith("no_") and key[3:] in FIELDS:
+                pairs.append((key[3:], False))
+            else:
+                pairs.append((key, True))
+        else:
+            pairs.append((key, values[0] if len(values) == 1 else values))
+    return config_path, pairs
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {str(p)!r} does not exist")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {str(p)!r} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(p)!r} must be a mapping of key: value")
+    # MindCV recipes are flat; accept one level of grouping (`optimizer: {lr: ...}`) too.
+    flat: dict[str, Any] = {}
+    for k, v in data.items():
+        if isinstance(v, dict) and k not in FIELDS:
+            flat.update(v)
+        else:
+            flat[k] = v
+    return flat
+
+
+def load_config(
+    argv: Sequence[str] = (), *, defaults: Optional[dict[str, Any]] = None, yaml_path: Optional[str] = None,
+    notices: Optional[list[str]] = None,
+) -> Config:
+    """defaults <- YAML (`-c`) <- command line, then validated. Notices about ignored keys are appended to
+    `notices` (printed to stderr when not given)."""
+    cli_path, pairs = parse_cli(argv)
+    notes: list[str] = [] if notices is None else notices
+    cfg = Config()
+    for key, value in (defaults or {}).items():
+        _set(cfg, key, value, "built-in recipe", notes)
+    path = cli_path or yaml_path
+    if path:
+        for key, value in load_yaml(path).items():
+            _set(cfg, key, value, f"yaml:{path}", notes)
+    for key, value in pairs:
+        _set(cfg, key, value, "command line", notes)
+    validate(cfg)
+    if notices is None:
+        for n in notes:
+            print(n, file=sys.stderr)
+    return cfg
+
+
+def from_dict(values: dict[str, Any], source: str = "checkpoint") -> Config:
+    """Rebuild a config saved by `Config.to_dict` (e.g. inside a checkpoint)."""
+    cfg, notes = Config(), []
+    for key, value in values.items():
+        if key in FIELDS:
+            _set(cfg, key, value, source, notes)
+    return cfg
+
+
+def validate(cfg: Config) -> Config:
+    """Choices and ranges; raises ConfigError naming the key."""
+    for name, f in FIELDS.items():
+        choices = f.metadata.get("choices")
+        if choices and getattr(cfg, name) not in choices:
+            close = difflib.get_close_matches(str(getattr(cfg, name)), [str(c) for c in choices], n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise ConfigError(f"config key '{name}': {getattr(cfg, name)!r} is not one of "
+                              f"{', '.join(map(str, choices))}{hint}")
+
+    def need(cond: bool, key: str, msg: str) -> None:
+        if not cond:
+            raise ConfigError(f"config key '{key}': {msg} (got {getattr(cfg, key)!r})")
+
+    need(cfg.lr > 0, "lr", "must be > 0")
+    need(cfg.min_lr >= 0, "min_lr", "must be >= 0")
+    need(cfg.batch_size >= 1, "batch_size", "must be >= 1")
+    need(cfg.epoch_size >= 1, "epoch_size", "must be >= 1")
+    need(0 <= cfg.warmup_epochs <= cfg.epoch_size, "warmup_epochs", f"must be between 0 and epoch_size "
+                                                                    f"({cfg.epoch_size})")
+    need(cfg.gradient_accumulation_steps >= 1, "gradient_accumulation_steps", "must be >= 1")
+    need(cfg.num_parallel_workers >= 0, "num_parallel_workers", "must be >= 0")
+    need(cfg.weight_decay >= 0, "weight_decay", "must be >= 0")
+    need(0 <= cfg.label_smoothing < 1, "label_smoothing", "must be in [0, 1)")
+    for key in ("hflip", "vflip", "re_prob", "cutmix_prob", "mixup_switch_prob", "drop_rate", "drop_path_rate"):
+        need(0 <= getattr(cfg, key) <= 1, key, "must be a probability in [0, 1]")
+    need(cfg.mixup >= 0 and cfg.cutmix >= 0, "mixup", "mixup and cutmix alphas must be >= 0")
+    need(0 < cfg.ema_decay < 1, "ema_decay", "must be in (0, 1)")
+    need(cfg.image_resize >= 1, "image_resize", "must be >= 1")
+    need(cfg.val_interval >= 1, "val_interval", "must be >= 1")
+    need(cfg.ckpt_save_interval >= 1, "ckpt_save_interval", "must be >= 1")
+    need(cfg.keep_checkpoint_max >= 1, "keep_checkpoint_max", "must be >= 1")
+    need(cfg.max_steps is None or cfg.max_steps >= 1, "max_steps", "must be >= 1")
+    need(cfg.num_samples is None or cfg.num_samples >= 1, "num_samples", "must be >= 1")
+    need(cfg.num_classes is None or cfg.num_classes >= 1, "num_classes", "must be >= 1")
+    need(cfg.crop_pct is None or 0 < cfg.crop_pct <= 1, "crop_pct", "must be in (0, 1]")
+    need(cfg.layer_decay is None or 0 < cfg.layer_decay <= 1, "layer_decay", "must be in (0, 1]")
+    need(cfg.scale[0] <= cfg.scale[1] and cfg.scale[0] > 0, "scale", "must be an increasing range above 0")
+    need(cfg.ratio[0] <= cfg.ratio[1] and cfg.ratio[0] > 0, "ratio", "must be an increasing range above 0")
+    if cfg.decay_epochs is not None:
+        need(cfg.decay_epochs > 0, "decay_epochs", "must be > 0")
+    if isinstance(cfg.re_value, str):
+        need(cfg.re_value == "random", "re_value", "must be a number or 'random'")
+    if not (cfg.device in ("auto", "cpu", "cuda") or cfg.device.startswith("cuda:")):
+        raise ConfigError(f"config key 'device': {cfg.device!r} is not auto, cpu, cuda or cuda:N")
+    return cfg
+
+
+def resolved_decay_epochs(cfg: Config) -> float:
+    return cfg.decay_epochs if cfg.decay_epochs is not None else cfg.epoch_size - cfg.warmup_epochs
+
+
+def help_text() -> str:
+    """All keys by group, for `vitkit train --help`."""
+    lines, group = [], None
+    for f in fields(Config):
+        if f.name == "sources":
+            continue
+        if f.metadata["group"] != group:
+            group = f.metadata["group"]
+            lines.append(f"\n{group}:")
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        choices = f.metadata.get("choices")
+        extra = f" [{'|'.join(map(str, choices))}]" if choices else ""
+        lines.append(f"  --{f.name:<28} {f.metadata['help']}{extra} (default: {default!r})")
+    return "\n".join(lines)
