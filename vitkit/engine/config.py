@@ -18,9 +18,7 @@ from typing import Any, Optional, Sequence, Union
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A bad config: unknown key, wrong type or impossible value. The CLI prints it and exits with 2."""
+from vitkit.errors import ConfigError  # noqa: E402  (re-exported: callers import it from here too)
 
 
 def _f(default: Any, help: str, group: str, choices: Sequence[Any] | None = None, **kw: Any) -> Any:

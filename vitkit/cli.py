@@ -1,0 +1,56 @@
+"""`vitkit VERB ...`: thin verbs; each one's work lives in its own module's `main(argv) -> int`."""
+from __future__ import annotations
+
+import importlib
+import sys
+from typing import Sequence
+
+from vitkit.errors import VitkitError
+
+# verb -> (module with main(argv), one-line description)
+VERBS: dict[str, tuple[str, str]] = {
+    "train": ("vitkit.engine.train", "train or finetune from a recipe: vitkit train -c configs/vit/... [--key value]"),
+    "validate": ("vitkit.tools.validate", "top-1/top-5 of a checkpoint or pretrained weights on a dataset"),
+    "predict": ("vitkit.tools.predict", "top-k classes of images: vitkit predict CKPT IMAGE|DIR"),
+    "export": ("vitkit.tools.export", "export a checkpoint to onnx, torchscript or pt2, checked against eager"),
+    "serve": ("vitkit.tools.serve", "HTTP service for a checkpoint or an ONNX model"),
+    "benchmark": ("vitkit.tools.benchmark", "images/s, step time, memory and MFU, optionally against timm"),
+    "models": ("vitkit.tools.models", "list registered models with their metadata"),
+    "convert": ("vitkit.weights.convert", "convert any supported weights file to a vitkit safetensors file"),
+    "data": ("vitkit.data.check", "vitkit data check DIR: unreadable files, empty classes, imbalance"),
+    "demo": ("vitkit.engine.demo", "train the built-in demo recipe on the bundled CIFAR-10 sample, then validate"),
+}
+
+
+def usage() -> str:
+    lines = ["usage: vitkit VERB [options]   (vitkit VERB --help for a verb's options)", "", "verbs:"]
+    lines += [f"  {verb:<10} {desc}" for verb, (_, desc) in VERBS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0
+    verb, rest = argv[0], argv[1:]
+    if verb not in VERBS:
+        import difflib
+
+        close = difflib.get_close_matches(verb, list(VERBS), n=1)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        print(f"error: unknown verb '{verb}'.{hint}\n\n{usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(VERBS[verb][0])
+    try:
+        return int(module.main(rest) or 0)
+    except VitkitError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

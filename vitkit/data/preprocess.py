@@ -1,0 +1,61 @@
+"""The eval preprocessing contract: what a model expects, resolved once and carried in every checkpoint.
+
+`DataConfig` travels from the model's registry entry (or the pretrained weights) through the config into the
+checkpoint, so validate, predict, export and serve preprocess exactly as training evaluated.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    input_size: int = 224  # square crop fed to the model
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)  # 0-1 units
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    interpolation: str = "bicubic"
+    crop_pct: float = 0.875
+
+    @property
+    def resize_size(self) -> int:
+        """Eval: shorter side resized to input_size / crop_pct, then center-cropped to input_size (timm's rule)."""
+        return int(math.floor(self.input_size / self.crop_pct))
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["mean"], d["std"] = list(self.mean), list(self.std)
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict())
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "DataConfig":
+        return cls(
+            input_size=int(d["input_size"]), mean=tuple(d["mean"]), std=tuple(d["std"]),  # type: ignore[arg-type]
+            interpolation=str(d["interpolation"]), crop_pct=float(d["crop_pct"]),
+        )
+
+
+def to_unit_range(values: tuple[float, ...]) -> tuple[float, ...]:
+    """MindCV gives mean/std in 0-255 units ([123.675, 116.28, 103.53]); accept both."""
+    return tuple(v / 255.0 for v in values) if max(values) > 1.0 else tuple(values)
+
+
+def resolve_data_config(cfg: Any, spec: Any) -> DataConfig:
+    """Preprocessing from the run config (`vitkit.engine.config.Config`) over the model's defaults (`ModelSpec`).
+
+    Config values that are None fall back to the model's; mean/std in 0-255 units are converted.
+    """
+    mean = to_unit_range(tuple(cfg.mean)) if cfg.mean is not None else spec.mean
+    std = to_unit_range(tuple(cfg.std)) if cfg.std is not None else spec.std
+    return DataConfig(
+        input_size=int(cfg.image_resize),
+        mean=tuple(mean),  # type: ignore[arg-type]
+        std=tuple(std),  # type: ignore[arg-type]
+        interpolation=cfg.interpolation if "interpolation" in cfg.sources else spec.interpolation,
+        crop_pct=float(cfg.crop_pct) if cfg.crop_pct is not None else spec.crop_pct,
+    )

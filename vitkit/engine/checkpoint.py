@@ -1,0 +1,191 @@
+"""Self-describing checkpoints.
+
+A checkpoint is one safetensors file, `<name>.safetensors`:
+  - tensors: the model's state dict under its own keys, and the EMA weights (if any) under `ema.<key>`;
+  - metadata (safetensors' str -> str header): `format=vitkit`, `format_version`, `model_name`, `arch` (the
+    ViTConfig as JSON), `data_config` (eval preprocessing, JSON), `class_names` (JSON list), `config` (the
+    resolved run config, JSON), `epoch`, `step`, `metrics` (JSON).
+Training state that only `--resume` needs (optimizer, scheduler, scaler, RNG states, sampler position) sits
+beside it in `<name>.state.pt`, holding only tensors and plain Python values, so it loads with
+`torch.load(weights_only=True)`: no checkpoint ever runs code on load.
+
+Every write is atomic (temporary file, flush, fsync, rename, fsync of the folder): a kill at any moment
+leaves the previous good file in place. The weights file is written last, so its presence means the pair is
+complete.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from vitkit.data.preprocess import DataConfig
+from vitkit.errors import VitkitError, WeightsError
+from vitkit.models.vit import ViTConfig, VisionTransformer
+
+FORMAT_VERSION = "1"
+EMA_PREFIX = "ema."
+
+
+@dataclass
+class Checkpoint:
+    """What a checkpoint file holds, loaded."""
+
+    path: Path
+    model_name: str
+    arch: ViTConfig
+    data_config: DataConfig
+    state_dict: dict[str, torch.Tensor]
+    ema_state_dict: dict[str, torch.Tensor] | None = None
+    class_names: list[str] | None = None
+    config: dict[str, Any] = field(default_factory=dict)
+    epoch: int = 0
+    step: int = 0
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+    def build_model(self, use_ema: bool = False) -> VisionTransformer:
+        """The model with these weights (EMA weights with `use_ema`), in eval mode."""
+        if use_ema and self.ema_state_dict is None:
+            raise WeightsError(f"{self.path} has no EMA weights; drop --use_ema or train with ema: true")
+        model = VisionTransformer(self.arch)
+        model.model_name = self.model_name  # type: ignore[attr-defined]
+        model.load_state_dict(self.ema_state_dict if use_ema else self.state_dict, strict=True)
+        return model.eval()
+
+
+def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
+    """Run `write(tmp_path)` then move the result onto `path` atomically, surviving a kill at any point.
+
+    A full disk (or any OSError) leaves `path` as it was and raises a VitkitError saying so.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError as e:
+        raise VitkitError(f"could not write {path}: {e.strerror or e}; the previous file, if any, is intact "
+                          f"(free disk space, then resume)") from e
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def save_checkpoint(
+    path: str | Path,
+    model: torch.nn.Module,
+    *,
+    model_name: str,
+    data_config: DataConfig,
+    class_names: list[str] | None = None,
+    config: dict[str, Any] | None = None,
+    ema_model: torch.nn.Module | None = None,
+    epoch: int = 0,
+    step: int = 0,
+    metrics: dict[str, Any] | None = None,
+    train_state: dict[str, Any] | None = None,
+) -> Path:
+    """Write `<path>` (weights + metadata) and, with `train_state`, `<stem>.state.pt` beside it."""
+    path = Path(path)
+    arch: ViTConfig = model.cfg  # type: ignore[assignment]
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    if ema_model is not None:
+        tensors.update({EMA_PREFIX + k: v.detach().to("cpu").contiguous() for k, v in ema_model.state_dict().items()})
+    meta = {
+        "format": "vitkit",
+        "format_version": FORMAT_VERSION,
+        "model_name": model_name,
+        "arch": json.dumps(arch.to_dict()),
+        "data_config": data_config.to_json(),
+        "class_names": json.dumps(class_names),
+        "config": json.dumps(config or {}),
+        "epoch": str(epoch),
+        "step": str(step),
+        "metrics": json.dumps(metrics or {}),
+    }
+    if train_state is not None:
+        atomic_write(state_path(path), lambda tmp: torch.save(train_state, tmp))
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+    return path
+
+
+def state_path(path: str | Path) -> Path:
+    path = Path(path)
+    return path.with_name(path.name.removesuffix(".safetensors") + ".state.pt")
+
+
+def read_metadata(path: str | Path) -> dict[str, str] | None:
+    """The safetensors header metadata, or None when the file is not a safetensors file."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return f.metadata() or {}
+    except (SafetensorError, OSError, ValueError):
+        return None
+
+
+def is_vitkit_checkpoint(path: str | Path) -> bool:
+    meta = read_metadata(path)
+    return bool(meta) and meta.get("format") == "vitkit"  # type: ignore[union-attr]
+
+
+def load_checkpoint(path: str | Path) -> Checkpoint:
+    """Read a vitkit checkpoint; a missing, truncated or foreign file is a one-line WeightsError."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"checkpoint {path} does not exist")
+    meta = read_metadata(path)
+    if meta is None:
+        raise WeightsError(f"{path} is not a readable safetensors file (truncated or corrupt?)")
+    if meta.get("format") != "vitkit":
+        raise WeightsError(f"{path} is not a vitkit checkpoint; load foreign weights with --pretrained {path} "
+                           f"or convert them with `vitkit convert`")
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise WeightsError(f"{path} could not be read ({e}); the file is truncated or corrupt") from None
+    ema = {k[len(EMA_PREFIX):]: v for k, v in tensors.items() if k.startswith(EMA_PREFIX)}
+    state = {k: v for k, v in tensors.items() if not k.startswith(EMA_PREFIX)}
+    return Checkpoint(
+        path=path,
+        model_name=meta["model_name"],
+        arch=ViTConfig(**json.loads(meta["arch"])),
+        data_config=DataConfig.from_dict(json.loads(meta["data_config"])),
+        state_dict=state,
+        ema_state_dict=ema or None,
+        class_names=json.loads(meta.get("class_names", "null")),
+        config=json.loads(meta.get("config", "{}")),
+        epoch=int(meta.get("epoch", 0)),
+        step=int(meta.get("step", 0)),
+        metrics=json.loads(meta.get("metrics", "{}")),
+    )
+
+
+def load_train_state(path: str | Path) -> dict[str, Any]:
+    """The resume-only state beside a checkpoint, loaded without unpickling code."""
+    sp = state_path(path)
+    if not sp.is_file():
+        raise VitkitError(f"{sp} is missing: {path} holds weights only and cannot resume a run "
+                          f"(use it with --ckpt_path to start a new run from these weights)")
+    try:
+        return torch.load(sp, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zip, foreign pickle: both are user-fixable
+        raise VitkitError(f"{sp} could not be loaded ({type(e).__name__}); it is truncated or not a vitkit "
+                          f"training state") from None

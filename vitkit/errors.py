@@ -1,0 +1,21 @@
+"""User-facing errors. The CLI prints `error: <message>` on one line and exits with code 2.
+
+Raise these (not bare exceptions) for anything the user can fix: a missing folder, a bad key, a checkpoint
+for another model. The message says what is wrong and what to do.
+"""
+
+
+class VitkitError(Exception):
+    """An error the user can fix; the message is shown as is."""
+
+
+class ConfigError(VitkitError, ValueError):
+    """A bad config: unknown key, wrong type or impossible value."""
+
+
+class WeightsError(VitkitError):
+    """Weights that cannot be found, downloaded, parsed or fitted to the model."""
+
+
+class DataError(VitkitError):
+    """A dataset that is missing, empty, or too broken to train on."""
