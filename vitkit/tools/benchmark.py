@@ -1,0 +1,216 @@
+"""`vitkit benchmark`: images/s, step time, peak memory and MFU of a registered model, optionally beside timm.
+
+Our model and the reference run in the same process, on the same batch, interleaved repeat by repeat, and
+the median is reported, so a busy machine slows both alike. Compile warm-up is excluded from every figure.
+
+    vitkit benchmark --model vit_b_32_224 --batch_size 8 --compare timm
+    vitkit benchmark --model vit_b_16_224 --batch_size 256 --precision bf16 --compile --compare timm
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from vitkit.models import create_model, get_spec
+from vitkit.models.registry import count_macs
+from vitkit.models.vit import ViTConfig
+
+# Dense peak FLOP/s from the vendors' data sheets (no sparsity), for MFU. Keys are substrings of device names.
+PEAK_FLOPS = {
+    "H100": {"bf16": 989e12, "fp16": 989e12, "fp32": 494e12},  # SXM; fp32 figure is TF32
+    "H200": {"bf16": 989e12, "fp16": 989e12, "fp32": 494e12},
+    "A100": {"bf16": 312e12, "fp16": 312e12, "fp32": 156e12},
+}
+DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class Result:
+    impl: str
+    mode: str
+    images_per_s: float
+    step_ms: float
+    peak_mem_mb: float | None
+    mfu: float | None
+
+
+def timm_twin(cfg: ViTConfig) -> torch.nn.Module:
+    """timm's VisionTransformer with the same architecture (the reference we compare against)."""
+    from functools import partial
+
+    from timm.models.vision_transformer import VisionTransformer as TimmViT
+
+    return TimmViT(
+        img_size=cfg.img_size, patch_size=cfg.patch_size, in_chans=cfg.in_chans, num_classes=cfg.num_classes,
+        embed_dim=cfg.embed_dim, depth=cfg.depth, num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio,
+        qkv_bias=cfg.qkv_bias, qk_norm=cfg.qk_norm, init_values=cfg.init_values, class_token=cfg.class_token,
+        global_pool=cfg.global_pool, fc_norm=cfg.fc_norm, pre_norm=cfg.pre_norm,
+        norm_layer=partial(torch.nn.LayerNorm, eps=cfg.norm_eps),
+        act_layer=partial(torch.nn.GELU, approximate="tanh" if cfg.act == "gelu_tanh" else "none"),
+    )
+
+
+def peak_flops(device: torch.device, precision: str) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, table in PEAK_FLOPS.items():
+        if key in name:
+            return table[precision]
+    return None
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def make_step(model: torch.nn.Module, x: torch.Tensor, mode: str, precision: str) -> Callable[[], None]:
+    """One training step (forward, CE loss, backward, AdamW) or one inference forward."""
+    device = x.device
+    dtype = DTYPES[precision]
+    autocast = lambda: torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)  # noqa: E731
+    if mode == "infer":
+        model.eval()
+
+        def infer() -> None:
+            with torch.inference_mode(), autocast():
+                model(x)
+        return infer
+    model.train()
+    fused = device.type == "cuda"
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused, foreach=None if fused else True)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    y = torch.randint(0, max(model.num_classes, 1), (x.shape[0],), device=device)
+
+    def train() -> None:
+        with autocast():
+            loss = F.cross_entropy(model(x), y)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad(set_to_none=True)
+    return train
+
+
+def time_steps(step: Callable[[], None], device: torch.device, steps: int) -> float:
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    _sync(device)
+    return (time.perf_counter() - t0) / steps
+
+
+def run(
+    model_name: str, batch_size: int, *, mode: str = "both", precision: str = "fp32", compile: bool = False,
+    compare: str | None = None, steps: int = 5, warmup: int = 2, repeats: int = 3, device: str = "auto",
+    img_size: int | None = None,
+) -> list[Result]:
+    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                       ("cpu" if device == "auto" else device))
+    if dev.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls: the fp32 fast path on Ampere and later
+        torch.backends.cudnn.allow_tf32 = True
+    torch.manual_seed(0)
+    ours = create_model(model_name, img_size=img_size).to(dev)
+    impls = {"vitkit": ours}
+    if compare == "timm":
+        ref = timm_twin(ours.cfg).to(dev)
+        ref.load_state_dict(ours.state_dict())  # same weights: same work
+        impls["timm"] = ref
+    elif compare:
+        raise SystemExit(f"--compare supports 'timm', got {compare!r}")
+    size = ours.cfg.img_size
+    x = torch.randn(batch_size, ours.cfg.in_chans, size, size, device=dev)
+    macs = count_macs(ours.cfg)
+    peak = peak_flops(dev, precision)
+    results: list[Result] = []
+    for m in (["infer", "train"] if mode == "both" else [mode]):
+        steps_fns = {}
+        for name, model in impls.items():
+            fn_model = torch.compile(model) if compile else model
+            steps_fns[name] = make_step(fn_model, x, m, precision)
+            for _ in range(warmup):  # compile and autotune happen here, outside every timing
+                steps_fns[name]()
+        times: dict[str, list[float]] = {n: [] for n in impls}
+        mem: dict[str, float | None] = {}
+        for _ in range(repeats):  # interleave so that load on the machine hits both alike
+            for name, fn in steps_fns.items():
+                if dev.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(dev)
+                times[name].append(time_steps(fn, dev, steps))
+                mem[name] = (torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda"
+                             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+        flops_per_image = (6 if m == "train" else 2) * macs  # backward costs about twice the forward
+        for name in impls:
+            t = statistics.median(times[name])
+            ips = batch_size / t
+            results.append(Result(name, m, ips, t * 1e3, mem[name], ips * flops_per_image / peak if peak else None))
+    return results
+
+
+def format_table(results: Sequence[Result], header: str = "") -> str:
+    lines = [header] if header else []
+    lines.append("| impl | mode | images/s | step ms | peak mem MB | MFU | vitkit/ref |")
+    lines.append("|---|---|---:|---:|---:|---:|---:|")
+    by_mode: dict[str, dict[str, Result]] = {}
+    for r in results:
+        by_mode.setdefault(r.mode, {})[r.impl] = r
+    for mode, rs in by_mode.items():
+        for impl, r in rs.items():
+            ratio = ""
+            if impl == "vitkit" and len(rs) > 1:
+                other = next(v for k, v in rs.items() if k != "vitkit")
+                ratio = f"{r.images_per_s / other.images_per_s:.3f}"
+            mfu = f"{r.mfu:.1%}" if r.mfu is not None else "-"
+            mem = f"{r.peak_mem_mb:.0f}" if r.peak_mem_mb is not None else "-"
+            lines.append(f"| {impl} | {mode} | {r.images_per_s:.1f} | {r.step_ms:.1f} | {mem} | {mfu} | {ratio} |")
+    return "\n".join(lines)
+
+
+def environment() -> str:
+    dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    try:
+        import timm
+        timm_v = timm.__version__
+    except ImportError:
+        timm_v = "-"
+    return f"device: {dev}; torch {torch.__version__}; timm {timm_v}; python {platform.python_version()}"
+
+
+def main(argv: Sequence[str]) -> int:
+    p = argparse.ArgumentParser(prog="vitkit benchmark", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="vit_b_32_224")
+    p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--img_size", type=int, default=None)
+    p.add_argument("--mode", choices=("infer", "train", "both"), default="both")
+    p.add_argument("--precision", choices=tuple(DTYPES), default="fp32")
+    p.add_argument("--compile", action="store_true", help="torch.compile both models (warm-up excluded)")
+    p.add_argument("--compare", default=None, help="'timm': measure timm's same architecture in the same run")
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", action="store_true")
+    a = p.parse_args(list(argv))
+    get_spec(a.model)  # unknown names fail here with a suggestion
+    results = run(a.model, a.batch_size, mode=a.mode, precision=a.precision, compile=a.compile, compare=a.compare,
+                  steps=a.steps, warmup=a.warmup, repeats=a.repeats, device=a.device, img_size=a.img_size)
+    if a.json:
+        print(json.dumps([asdict(r) for r in results], indent=1))
+    else:
+        head = (f"{a.model} batch {a.batch_size} {a.precision}{' compiled' if a.compile else ''}, "
+                f"median of {a.repeats} x {a.steps} steps; {environment()}")
+        print(format_table(results, head))
+    return 0
