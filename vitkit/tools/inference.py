@@ -1,0 +1,169 @@
+"""What predict, export and serve share: a model with its preprocessing and class names, bounded image
+decoding, and top-k answers in one format.
+
+Every image that enters through these tools goes through `image_to_tensor`, which reads only the header
+before checking the pixel count, so a decompression bomb (a small file that claims 20000x20000 pixels)
+is refused before any pixel is decoded.
+"""
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from vitkit.data.preprocess import DataConfig
+from vitkit.errors import VitkitError, WeightsError
+from vitkit.models.vit import VisionTransformer
+
+# 40 megapixels: above any photo a ViT is fed (a 50 MP camera frame must be downscaled first), far below
+# what would exhaust memory (40e6 * 3 bytes = 120 MB decoded). PIL's own guard is 89 MP, raising only at 2x.
+DEFAULT_MAX_PIXELS = 40_000_000
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
+
+
+class ImageError(VitkitError):
+    """An image that cannot be used; `reason` is one of empty, unsupported, corrupt, too_large."""
+
+    def __init__(self, message: str, reason: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+def image_to_tensor(data: bytes | str | Path, transform: Callable[[Image.Image], torch.Tensor], *,
+                    max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:
+    """Bytes or a path -> `transform(image)`, or an ImageError saying what is wrong with the image.
+
+    The image is handed to the transform undecoded: the eval transform decodes it itself (at reduced size
+    where libjpeg can), so predict, export and serve see exactly the pixels validate sees.
+    """
+    if isinstance(data, (str, Path)):
+        try:
+            data = Path(data).read_bytes()
+        except OSError as e:
+            raise ImageError(f"cannot read {data}: {e.strerror or e}", "unsupported") from None
+    if not data:
+        raise ImageError("empty image (0 bytes)", "empty")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))  # reads the header only
+            width, height = img.size
+            if width * height > max_pixels:
+                raise ImageError(f"image is {width}x{height} = {width * height:,} pixels, above the limit of "
+                                 f"{max_pixels:,}; downscale it first", "too_large")
+            return transform(img)
+    except ImageError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageError(f"image refused as a decompression bomb: {e}", "too_large") from None
+    except UnidentifiedImageError:
+        raise ImageError("not an image (unrecognised format); send JPEG, PNG, WebP, BMP, GIF or TIFF bytes",
+                         "unsupported") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        # PIL raises OSError("image file is truncated ...") and friends for damaged files
+        raise ImageError(f"image is corrupt or truncated ({e})", "corrupt") from None
+
+
+def find_images(paths: list[str]) -> list[Path]:
+    """Files given, plus every image file under the folders given (sorted, recursive)."""
+    out: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            out += sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+        elif p.exists():
+            out.append(p)
+        else:
+            raise VitkitError(f"{p} does not exist")
+    return out
+
+
+@lru_cache(maxsize=1)
+def imagenet_class_names() -> list[str]:
+    """The 1000 ImageNet-1k class names in label order (shipped in vitkit/assets; torchvision's spelling)."""
+    text = resources.files("vitkit").joinpath("assets/imagenet1k_classes.txt").read_text()
+    return text.splitlines()
+
+
+def default_class_names(num_classes: int, own: list[str] | None = None) -> list[str]:
+    """A checkpoint's own names win; a 1000-class head gets ImageNet's; anything else gets class_<i>."""
+    if own is not None and len(own) == num_classes:
+        return list(own)
+    if num_classes == 1000:
+        return imagenet_class_names()
+    return [f"class_{i}" for i in range(num_classes)]
+
+
+@dataclass
+class InferenceModel:
+    """A model ready to answer: weights, eval preprocessing and class names."""
+
+    model: VisionTransformer
+    model_name: str
+    data_config: DataConfig
+    class_names: list[str]
+    source: str
+
+    def transform(self, normalize: bool = True) -> Callable[[Image.Image], torch.Tensor]:
+        """PIL image -> normalized float (C, H, W) tensor exactly as validate preprocesses, or with
+        `normalize=False` the uint8 (C, H, W) crop before normalization."""
+        from vitkit.data.transforms import build_transform
+
+        return build_transform(self.data_config, None, train=False, normalize=normalize)
+
+    def metadata(self) -> dict[str, Any]:
+        dc = self.data_config
+        return {
+            "model_name": self.model_name,
+            "source": self.source,
+            "num_classes": len(self.class_names),
+            "classes": self.class_names,
+            "input_size": [3, dc.input_size, dc.input_size],
+            "mean": list(dc.mean),
+            "std": list(dc.std),
+            "interpolation": dc.interpolation,
+            "crop_pct": dc.crop_pct,
+            "resize_size": dc.resize_size,
+        }
+
+
+def load_inference_model(source: str, *, model_name: str | None = None, use_ema: bool = False,
+                         device: str | torch.device = "cpu") -> InferenceModel:
+    """A vitkit checkpoint, a registered model name (its default pretrained weights), or foreign weights
+    (any format vitkit reads) with `model_name` saying which architecture they are for."""
+    from vitkit.engine.checkpoint import is_vitkit_checkpoint, load_checkpoint
+    from vitkit.models.registry import create_model, get_spec, list_models
+
+    if Path(source).is_file() and is_vitkit_checkpoint(source):
+        ckpt = load_checkpoint(source)
+        if model_name and model_name != ckpt.model_name:
+            raise WeightsError(f"{source} is a {ckpt.model_name} checkpoint, not {model_name}; drop --model")
+        model = ckpt.build_model(use_ema=use_ema)
+        names = default_class_names(ckpt.arch.num_classes, ckpt.class_names)
+        return InferenceModel(model.to(device), ckpt.model_name, ckpt.data_config, names, str(source))
+    if use_ema:
+        raise WeightsError("--use_ema needs a vitkit checkpoint (other weights carry no EMA copy)")
+    name, weights = (source, True) if source in list_models() else (model_name, source)
+    if name is None:
+        raise WeightsError(f"{source} is neither a vitkit checkpoint nor a registered model name; for other "
+                           f"weights files pass --model NAME (see `vitkit models`)")
+    model = create_model(name, pretrained=weights).eval()
+    spec = get_spec(name)
+    dc = DataConfig(input_size=model.cfg.img_size, mean=spec.mean, std=spec.std,
+                    interpolation=spec.interpolation, crop_pct=spec.crop_pct)
+    return InferenceModel(model.to(device), name, dc, default_class_names(model.cfg.num_classes), str(source))
+
+
+def topk_answer(probs: torch.Tensor | np.ndarray, class_names: list[str], k: int) -> list[dict[str, Any]]:
+    """One image's probabilities (num_classes,) -> its top-k as [{index, label, probability}], best first."""
+    probs = torch.as_tensor(probs, dtype=torch.float32)
+    values, indices = probs.topk(min(k, probs.numel()))
+    return [{"index": int(i), "label": class_names[int(i)], "probability": float(v)}
+            for v, i in zip(values.tolist(), indices.tolist())]

@@ -1,0 +1,105 @@
+"""`vitkit predict CKPT IMAGE|DIR ...`: top-k classes of images, as a table, JSON or CSV.
+
+A file that cannot be used (corrupt, truncated, not an image, too large) gets a one-line error of its own
+and the other files are still answered; the exit code is 1 when any file failed.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vitkit.errors import VitkitError
+from vitkit.tools.inference import (DEFAULT_MAX_PIXELS, ImageError, InferenceModel, find_images, image_to_tensor,
+                                    load_inference_model, topk_answer)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="vitkit predict", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("source", help="vitkit checkpoint, registered model name (its default weights), or a weights "
+                                   "file with --model")
+    p.add_argument("inputs", nargs="+", help="image files and/or folders (searched recursively)")
+    p.add_argument("--topk", type=int, default=5, help="classes per image (default 5)")
+    p.add_argument("--format", choices=("table", "json", "csv"), default="table")
+    p.add_argument("--model", default=None, help="architecture of a foreign weights file (see `vitkit models`)")
+    p.add_argument("--use_ema", action="store_true", help="use the checkpoint's EMA weights")
+    p.add_argument("--batch_size", type=int, default=32)
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--max_pixels", type=int, default=DEFAULT_MAX_PIXELS, help="refuse larger images")
+    return p
+
+
+@torch.no_grad()
+def predict_files(im: InferenceModel, files: list[Path], *, topk: int = 5, batch_size: int = 32,
+                  max_pixels: int = DEFAULT_MAX_PIXELS) -> list[dict[str, Any]]:
+    """[{file, predictions}] or [{file, error}] per file, in order."""
+    transform = im.transform()
+    device = next(im.model.parameters()).device
+    results: list[dict[str, Any]] = [{"file": str(f)} for f in files]
+    pending: list[tuple[int, torch.Tensor]] = []
+
+    def flush() -> None:
+        if not pending:
+            return
+        batch = torch.stack([t for _, t in pending]).to(device)
+        probs = im.model(batch).float().softmax(-1).cpu()
+        for (i, _), row in zip(pending, probs):
+            results[i]["predictions"] = topk_answer(row, im.class_names, topk)
+        pending.clear()
+
+    for i, f in enumerate(files):
+        try:
+            pending.append((i, image_to_tensor(f, transform, max_pixels=max_pixels)))
+        except ImageError as e:
+            results[i]["error"] = str(e)
+        if len(pending) >= batch_size:
+            flush()
+    flush()
+    return results
+
+
+def format_results(results: list[dict[str, Any]], fmt: str) -> str:
+    if fmt == "json":
+        return json.dumps(results, indent=2)
+    if fmt == "csv":
+        buf = io.StringIO()
+        w = csv.writer(buf)
+        w.writerow(["file", "rank", "index", "label", "probability", "error"])
+        for r in results:
+            for rank, p in enumerate(r.get("predictions", []), 1):
+                w.writerow([r["file"], rank, p["index"], p["label"], f"{p['probability']:.6f}", ""])
+            if "error" in r:
+                w.writerow([r["file"], "", "", "", "", r["error"]])
+        return buf.getvalue().rstrip("\n")
+    lines = []
+    for r in results:
+        if "error" in r:
+            lines.append(f"{r['file']}: error: {r['error']}")
+            continue
+        lines.append(r["file"])
+        lines += [f"  {p['probability']:7.2%}  {p['label']} ({p['index']})" for p in r["predictions"]]
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    if args.topk < 1:
+        raise VitkitError(f"--topk must be >= 1 (got {args.topk})")
+    files = find_images(args.inputs)
+    if not files:
+        print("error: no image files found in " + ", ".join(args.inputs), file=sys.stderr)
+        return 2
+    im = load_inference_model(args.source, model_name=args.model, use_ema=args.use_ema, device=args.device)
+    results = predict_files(im, files, topk=args.topk, batch_size=args.batch_size, max_pixels=args.max_pixels)
+    print(format_results(results, args.format))
+    failed = [r for r in results if "error" in r]
+    for r in failed:
+        print(f"error: {r['file']}: {r['error']}", file=sys.stderr)
+    return 1 if failed else 0
