@@ -65,6 +65,11 @@ class Config:
     num_samples: Optional[int] = _f(None, "use a stratified, seeded subset of this many training images", DATA)
     num_classes: Optional[int] = _f(None, "number of classes (default: the dataset's)", DATA)
     aug_repeats: int = _f(0, "repeated augmentation: each image this many times per epoch (0/1 = off)", DATA)
+    bad_image_limit: float = _f(0.01, "stop when more than this share of an epoch's images (and more than 10) "
+                                      "are unreadable; unreadable images are replaced and counted", DATA)
+    in_memory: Optional[bool] = _f(None, "decode small images (<= 64 px) once into memory and augment whole "
+                                         "batches (default: when they fit in 2 GiB)", DATA)
+    gpu_decode: bool = _f(False, "decode JPEGs on the GPU (nvJPEG) and crop/flip/normalize there", DATA)
     # -- augmentation -----------------------------------------------------------------------------
     image_resize: int = _f(224, "training crop size and model input size", AUG)
     scale: tuple[float, float] = _f((0.08, 1.0), "RandomResizedCrop area range", AUG)
@@ -101,6 +106,9 @@ class Config:
     epoch_size: int = _f(90, "number of training epochs", MODEL)
     amp_level: str = _f("O0", "O0 fp32; O1/O2 autocast (bf16 where supported, else fp16 + loss scaling); O3 bf16 "
                               "weights", MODEL, choices=("O0", "O1", "O2", "O3"))
+    amp_dtype: str = _f("auto", "dtype of amp_level O1-O3: auto (bf16 on GPUs that have it, else fp16 + loss "
+                                "scaling; fp32 on CPU), bfloat16 or float16 (also on CPU)", MODEL,
+                        choices=("auto", "bfloat16", "float16"))
     gradient_accumulation_steps: int = _f(1, "micro-batches per optimizer step", MODEL)
     clip_grad: bool = _f(False, "clip the global gradient norm to clip_value", MODEL)
     clip_value: float = _f(15.0, "max gradient norm", MODEL)

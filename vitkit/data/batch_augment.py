@@ -1,0 +1,76 @@
+"""Whole-batch augmentation for images held in memory as uint8 (N, H, W, 3): pad-and-crop, flips, resize and
+normalize as tensor ops on any device (CPU for the 2-core recipe, CUDA to keep CIFAR on the GPU).
+
+Each sample's crop offset and flips come from a generator seeded by (seed, epoch, position), as in the
+per-sample path, so batches do not depend on how the epoch was split or resumed.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from vitkit.data.loader import sample_seed
+from vitkit.data.preprocess import DataConfig
+
+
+class BatchAugment:
+    """(index, key) pairs -> (images float (B, 3, S, S) normalized, targets (B,), bad paths)."""
+
+    def __init__(self, ds: Any, data_config: DataConfig, cfg: Optional[Any], *, seed: int,
+                 device: str | torch.device = "cpu"):
+        self.ds, self.dc, self.seed, self.device = ds, data_config, seed, torch.device(device)
+        self.images = ds.images.to(self.device)  # (N, H, W, 3) uint8
+        self.targets = torch.as_tensor(ds.targets, dtype=torch.long)
+        self.train = cfg is not None
+        self.hflip = cfg.hflip if cfg is not None else 0.0
+        self.vflip = cfg.vflip if cfg is not None else 0.0
+        self.bad = set(getattr(ds, "bad", []))
+        shape = (1, 3, 1, 1)
+        self.mean = torch.tensor(data_config.mean, device=self.device).view(shape) * 255
+        self.std = torch.tensor(data_config.std, device=self.device).view(shape) * 255
+
+    @staticmethod
+    def supports(cfg: Any, train: bool) -> bool:
+        """Eval always; training when the recipe is pad-crop + flips only (no per-image color ops/erasing)."""
+        return not train or (not cfg.auto_augment and not cfg.color_jitter and cfg.re_prob == 0)
+
+    def __call__(self, batch: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+        idx, bad_paths, params = [], [], []
+        n, (h, w) = len(self.targets), self.images.shape[1:3]
+        pad = max(1, min(h, w) // 8)
+        for i, key in batch:
+            rng = np.random.default_rng(sample_seed(self.seed, key))
+            while i in self.bad:  # decoded-once images that failed: replace, as the per-sample path does
+                bad_paths.append(self.ds.path(i))
+                i = int(rng.integers(n))
+            idx.append(i)
+            if self.train:
+                params.append((rng.integers(0, 2 * pad + 1), rng.integers(0, 2 * pad + 1),
+                               rng.random() < self.hflip, rng.random() < self.vflip))
+        ix = torch.as_tensor(idx, device=self.device)
+        x = self.images[ix].permute(0, 3, 1, 2)  # (B, 3, H, W) uint8
+        if self.train:
+            x = self._pad_crop_flip(x, torch.as_tensor(np.array(params, dtype=np.int64), device=self.device), pad)
+        x = x.float()
+        s = self.dc.input_size
+        if (h, w) != (s, s):
+            mode = "bicubic" if self.dc.interpolation == "bicubic" else "bilinear"
+            x = F.interpolate(x, size=(s, s), mode=mode, align_corners=False, antialias=s < min(h, w)).clamp_(0, 255)
+        x = (x - self.mean) / self.std
+        return x, self.targets[ix.cpu()], bad_paths
+
+    @staticmethod
+    def _pad_crop_flip(x: torch.Tensor, p: torch.Tensor, pad: int) -> torch.Tensor:
+        """Zero-pad by `pad`, crop back at offsets p[:, 0:2] (y, x), flip where p[:, 2] (h) / p[:, 3] (v)."""
+        b, _, h, w = x.shape
+        xp = F.pad(x, (pad, pad, pad, pad))
+        rows = p[:, 0:1] + torch.arange(h, device=x.device)  # (B, H)
+        cols = p[:, 1:2] + torch.arange(w, device=x.device)  # (B, W)
+        cols = torch.where(p[:, 2:3].bool(), cols.flip(1), cols)
+        rows = torch.where(p[:, 3:4].bool(), rows.flip(1), rows)
+        bi = torch.arange(b, device=x.device)[:, None, None]
+        out = xp.permute(0, 2, 3, 1)[bi, rows[:, :, None], cols[:, None, :]]  # (B, H, W, C)
+        return out.permute(0, 3, 1, 2)

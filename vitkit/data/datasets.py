@@ -1,0 +1,233 @@
+"""Datasets: ImageFolder layouts with any split names, CIFAR-10/100 (download, python format or JPEG folders),
+stratified subsets, and an in-memory form for small images.
+
+Every dataset has `classes` (names, saved into checkpoints), `targets`, `load(i)` (a PIL image that may not be
+decoded yet, so transforms can decode at reduced size), `path(i)` (for error messages) and `__getitem__` ->
+(RGB PIL image, target).
+"""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from vitkit.errors import DataError
+
+log = logging.getLogger(__name__)
+
+# Decompression-bomb guard: PIL raises DecompressionBombError above 2x this many pixels and warns above it.
+# 89.5 Mpx is PIL's own default; we set it explicitly so no other library can switch it off for us.
+Image.MAX_IMAGE_PIXELS = 89_478_485
+
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
+# Small-image datasets up to this many decoded bytes are held in memory (CIFAR-10 train: 150 MB).
+SMALL_MEMORY_BYTES = 2 * 1024**3
+CIFAR_DIRS = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}
+
+
+class ImageFolderDataset(Dataset):
+    """`root/<class>/<image>` with classes sorted by name (torchvision's ImageFolder order)."""
+
+    def __init__(self, root: Path, classes: list[str], samples: list[tuple[str, int]]):
+        self.root, self.classes, self.samples = root, classes, samples
+        self.targets = [t for _, t in samples]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def path(self, i: int) -> str:
+        return self.samples[i][0]
+
+    def load(self, i: int) -> Image.Image:
+        """The opened image; pixels are decoded on first use."""
+        return Image.open(self.samples[i][0])
+
+    def __getitem__(self, i: int) -> tuple[Image.Image, int]:
+        from vitkit.data.transforms import to_rgb
+
+        return to_rgb(self.load(i)), self.targets[i]
+
+
+class ArrayDataset(Dataset):
+    """Decoded images held in memory: `images` uint8 (N, H, W, 3)."""
+
+    def __init__(self, images: torch.Tensor, targets: Sequence[int], classes: list[str], paths: Optional[list[str]] = None):
+        self.images, self.targets, self.classes = images, list(targets), classes
+        self._paths = paths
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def path(self, i: int) -> str:
+        return self._paths[i] if self._paths else f"<in-memory image {i}>"
+
+    def load(self, i: int) -> Image.Image:
+        return Image.fromarray(self.images[i].numpy(), "RGB")
+
+    def __getitem__(self, i: int) -> tuple[Image.Image, int]:
+        return self.load(i), self.targets[i]
+
+
+class Subset(Dataset):
+    """A subset that keeps the dataset interface (classes, targets, load, path)."""
+
+    def __init__(self, base: Any, indices: Sequence[int]):
+        self.base, self.indices = base, list(indices)
+        self.classes = base.classes
+        self.targets = [base.targets[i] for i in self.indices]
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def path(self, i: int) -> str:
+        return self.base.path(self.indices[i])
+
+    def load(self, i: int) -> Image.Image:
+        return self.base.load(self.indices[i])
+
+    def __getitem__(self, i: int) -> tuple[Image.Image, int]:
+        return self.base[self.indices[i]]
+
+
+def scan_image_folder(root: Path) -> ImageFolderDataset:
+    """Classes and files of `root/<class>/*`; DataError for no classes or classes without images."""
+    classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+    if not classes:
+        raise DataError(f"{root} has no class folders; expected {root}/<class_name>/<image files>")
+    samples, empty = [], []
+    for idx, name in enumerate(classes):
+        files = sorted(
+            os.path.join(dp, f) for dp, _, fs in os.walk(root / name, followlinks=True) for f in fs
+            if f.lower().endswith(IMG_EXTENSIONS) and not f.startswith("."))
+        if not files:
+            empty.append(name)
+        samples += [(f, idx) for f in files]
+    if empty:
+        raise DataError(f"{root}: class folder(s) with no images: {', '.join(empty[:10])}"
+                        f"{' ...' if len(empty) > 10 else ''}; add images or remove the folder(s)")
+    return ImageFolderDataset(root, classes, samples)
+
+
+def stratified_subset(ds: Any, num_samples: int, seed: int) -> Any:
+    """`num_samples` images with each class's share kept (largest remainder), chosen by a seeded shuffle."""
+    if num_samples >= len(ds):
+        return ds
+    targets = np.asarray(ds.targets)
+    counts = np.bincount(targets, minlength=len(ds.classes))
+    exact = counts * num_samples / len(ds)
+    take = np.floor(exact).astype(int)
+    for c in np.argsort(-(exact - take), kind="stable")[: num_samples - take.sum()]:
+        take[c] += 1
+    rng = np.random.default_rng(seed)
+    chosen = [np.sort(rng.permutation(np.flatnonzero(targets == c))[: take[c]]) for c in range(len(counts))]
+    return Subset(ds, np.sort(np.concatenate(chosen)).tolist())
+
+
+def _check_root(cfg: Any) -> Path:
+    if not cfg.data_dir:
+        raise DataError("data_dir is not set; pass --data_dir /path/to/dataset")
+    root = Path(cfg.data_dir).expanduser()
+    if not root.is_dir():
+        if cfg.dataset in CIFAR_DIRS and cfg.dataset_download:
+            root.mkdir(parents=True, exist_ok=True)
+            return root
+        raise DataError(f"data_dir {str(root)!r} does not exist" +
+                        ("; add --dataset_download to download it" if cfg.dataset in CIFAR_DIRS else ""))
+    if not any(root.iterdir()) and not (cfg.dataset in CIFAR_DIRS and cfg.dataset_download):
+        raise DataError(f"data_dir {str(root)!r} is empty")
+    return root
+
+
+def _image_folder_split(root: Path, split: str) -> ImageFolderDataset:
+    split_dir = root / split
+    if not split_dir.is_dir():
+        have = sorted(p.name for p in root.iterdir() if p.is_dir())
+        raise DataError(f"split folder {str(split_dir)!r} does not exist (found: {', '.join(have) or 'nothing'}); "
+                        "set train_split / val_split to the folder names")
+    return scan_image_folder(split_dir)
+
+
+def _cifar(cfg: Any, root: Path, split: str, train: bool) -> Dataset:
+    """CIFAR from the official python files (checksum-verified by torchvision before unpickling), a JPEG
+    ImageFolder copy, or a download into data_dir."""
+    import torchvision.datasets as tvd
+
+    cls = tvd.CIFAR10 if cfg.dataset == "cifar10" else tvd.CIFAR100
+    is_train_split = split == cfg.train_split if train else split in ("train", cfg.train_split)
+    if (root / CIFAR_DIRS[cfg.dataset]).is_dir() or cfg.dataset_download:
+        try:
+            tv = cls(str(root), train=is_train_split, download=bool(cfg.dataset_download))
+        except RuntimeError as e:  # torchvision: "Dataset not found or corrupted"
+            raise DataError(f"{cfg.dataset} in {root}: {e}; delete it and pass --dataset_download") from None
+        return ArrayDataset(torch.from_numpy(tv.data), tv.targets, list(tv.classes))
+    if (root / split).is_dir():
+        return scan_image_folder(root / split)
+    raise DataError(f"no {cfg.dataset} in {root}: expected {CIFAR_DIRS[cfg.dataset]}/ (python format) or "
+                    f"{split}/<class>/*.jpg; pass --dataset_download to download it")
+
+
+def build_dataset(cfg: Any, split: str, *, train: bool) -> Dataset:
+    """The dataset for `split` (a folder name such as cfg.train_split / cfg.val_split).
+
+    num_samples takes a stratified, seeded subset of the training split.
+    """
+    root = _check_root(cfg)
+    name = cfg.dataset.lower()
+    if name in CIFAR_DIRS:
+        ds: Any = _cifar(cfg, root, split, train)
+    elif name in ("imagenet", "imagefolder"):
+        ds = _image_folder_split(root, split)
+    else:
+        raise DataError(f"dataset {cfg.dataset!r} is not known; use imagenet, imagefolder, cifar10 or cifar100")
+    if train and cfg.num_samples:
+        ds = stratified_subset(ds, cfg.num_samples, cfg.seed)
+    return ds
+
+
+def image_size_hint(ds: Any) -> Optional[tuple[int, int]]:
+    """(w, h) of the first readable image, read from its header; None if none can be read."""
+    if isinstance(ds, ArrayDataset):
+        return int(ds.images.shape[2]), int(ds.images.shape[1])
+    if isinstance(ds, Subset) and isinstance(ds.base, ArrayDataset):
+        return image_size_hint(ds.base)
+    for i in range(min(len(ds), 8)):
+        try:
+            with ds.load(i) as img:
+                return img.size
+        except Exception:  # noqa: BLE001 - unreadable files are reported by the loader
+            continue
+    return None
+
+
+def to_memory(ds: Any, size: tuple[int, int]) -> ArrayDataset:
+    """Decode every image once into a uint8 (N, H, W, 3) tensor (images of another size are resized).
+
+    Unreadable images are logged and left black; `bad` lists their indices (the loader replaces them)."""
+    from vitkit.data.transforms import to_rgb
+
+    if isinstance(ds, ArrayDataset):
+        return ds
+    if isinstance(ds, Subset) and isinstance(ds.base, ArrayDataset):
+        return ArrayDataset(ds.base.images[ds.indices], ds.targets, ds.classes)
+    w, h = size
+    out = torch.zeros(len(ds), h, w, 3, dtype=torch.uint8)
+    bad = []
+    for i in range(len(ds)):
+        try:
+            with ds.load(i) as raw:
+                img = to_rgb(raw)
+                if img.size != (w, h):
+                    img = img.resize((w, h), Image.Resampling.BICUBIC)
+                out[i] = torch.from_numpy(np.array(img))
+        except Exception as e:  # noqa: BLE001 - any decode failure is a bad image, reported below
+            log.warning("unreadable image %s (%s: %s)", ds.path(i), type(e).__name__, e)
+            bad.append(i)
+    mem = ArrayDataset(out, ds.targets, ds.classes, [ds.path(i) for i in range(len(ds))])
+    mem.bad = bad  # type: ignore[attr-defined]
+    return mem

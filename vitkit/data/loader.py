@@ -1,0 +1,248 @@
+"""The loader: deterministic sharded sampling, per-sample seeded augmentation, bad-image replacement, workers.
+
+Determinism contract (the training loop's exact resume relies on it):
+- the epoch's sample order is a function of (seed, epoch) only: a seeded permutation, repeated `aug_repeats`
+  times per image (DeiT's repeated augmentation: the copies land on different ranks), then sharded rank::world;
+- each sample's augmentation randomness is a function of (seed, epoch, position in the epoch's global order):
+  Python `random`, NumPy and torch are seeded from it inside the worker (or, with no workers, inside a saved and
+  restored RNG state), so batches are identical for any num_parallel_workers and after a mid-epoch resume;
+- `set_epoch(e, start_batch=k)` skips the first k batches of the epoch without decoding them.
+Training shards drop the tail (drop_remainder) or pad with the start of the order, so every rank gets the same
+number of batches. Evaluation shards are rank::world slices with no padding: every image counted exactly once.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import random
+import time
+from typing import Any, Iterator, Optional
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from vitkit.data.preprocess import DataConfig
+from vitkit.errors import DataError
+
+log = logging.getLogger(__name__)
+
+BAD_IMAGE_FLOOR = 10  # a handful of broken files never stops a run, whatever the dataset size
+MAX_REPLACEMENTS = 20  # consecutive unreadable replacements before we conclude the data is broken
+DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
+
+
+class ShardPlan:
+    """Which dataset indices (and global positions) one rank reads in an epoch, in batches."""
+
+    def __init__(self, n: int, *, batch_size: int, train: bool, shuffle: bool = True, seed: int = 0,
+                 drop_remainder: bool = True, aug_repeats: int = 0, rank: int = 0, world_size: int = 1):
+        if n == 0:
+            raise DataError("the dataset is empty")
+        self.n, self.batch_size, self.train, self.shuffle, self.seed = n, batch_size, train, shuffle, seed
+        self.drop, self.repeats = drop_remainder and train, max(1, aug_repeats) if train else 1
+        self.rank, self.world = rank, world_size
+        if train:
+            self.per_rank = n // world_size if self.drop else math.ceil(n / world_size)
+            if self.per_rank == 0:
+                raise DataError(f"{n} training images cannot be split over {world_size} processes")
+        else:
+            self.per_rank = len(range(rank, n, world_size))
+
+    def __len__(self) -> int:
+        if self.drop:
+            return self.per_rank // self.batch_size
+        return math.ceil(self.per_rank / self.batch_size)
+
+    def epoch(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """(dataset indices, global positions) of this rank's samples in `epoch`, in order."""
+        if not self.train:
+            idx = np.arange(self.rank, self.n, self.world)
+            return idx, idx
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+            order = torch.randperm(self.n, generator=g).numpy()
+        else:
+            order = np.arange(self.n)
+        order = np.repeat(order, self.repeats)
+        need = self.per_rank * self.world
+        if len(order) < need:  # pad with the start of the order so ranks stay in step (DistributedSampler)
+            order = np.concatenate([order, np.resize(order, need - len(order))])
+        pos = np.arange(len(order))
+        return order[self.rank::self.world][: self.per_rank], pos[self.rank::self.world][: self.per_rank]
+
+    def batches(self, epoch: int, start_batch: int = 0) -> list[list[tuple[int, int]]]:
+        idx, pos = self.epoch(epoch)
+        pairs = list(zip(idx.tolist(), (epoch * 1_000_000_007 + pos).tolist()))
+        b = self.batch_size
+        return [pairs[i * b:(i + 1) * b] for i in range(start_batch, len(self))]
+
+
+def sample_seed(seed: int, key: int) -> int:
+    """A 63-bit seed for one sample from the run seed and the sample key (epoch and position)."""
+    return int(np.random.SeedSequence([seed & 0xFFFFFFFF, key & 0xFFFFFFFFFFFF]).generate_state(2, np.uint64)[0]
+               >> np.uint64(1))
+
+
+@contextlib.contextmanager
+def seeded(s: int, restore: bool) -> Iterator[None]:
+    """Seed Python, NumPy and torch RNGs; with `restore`, put the caller's RNG states back afterwards."""
+    states = (random.getstate(), np.random.get_state(), torch.get_rng_state()) if restore else None
+    random.seed(s)
+    np.random.seed(s % 2**32)
+    torch.manual_seed(s)
+    try:
+        yield
+    finally:
+        if states:
+            random.setstate(states[0])
+            np.random.set_state(states[1])
+            torch.set_rng_state(states[2])
+
+
+class SampleReader(Dataset):
+    """Reads (index, key) pairs: decode + transform under a per-sample seed; unreadable images are replaced."""
+
+    def __init__(self, ds: Any, transform: Any, seed: int):
+        self.ds, self.transform, self.seed = ds, transform, seed
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, item: tuple[int, int]) -> tuple[torch.Tensor, int, list[str]]:
+        i, key = item
+        s = sample_seed(self.seed, key)
+        bad: list[str] = []
+        in_worker = torch.utils.data.get_worker_info() is not None
+        with seeded(s, restore=not in_worker):
+            rng = np.random.default_rng(s)
+            for _ in range(MAX_REPLACEMENTS):
+                try:
+                    with self.ds.load(i) as img:
+                        return self.transform(img), int(self.ds.targets[i]), bad
+                except DECODE_ERRORS as e:
+                    path = self.ds.path(i)
+                    log.warning("unreadable image %s (%s: %s); using another image", path, type(e).__name__, e)
+                    bad.append(path)
+                    i = int(rng.integers(len(self.ds)))
+        raise DataError(f"{MAX_REPLACEMENTS} unreadable images in a row (last: {bad[-1]}); "
+                        "run `vitkit data check DIR` to list the broken files")
+
+
+def collate(items: list[tuple[torch.Tensor, int, list[str]]]) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    images = torch.stack([x for x, _, _ in items])
+    targets = torch.tensor([t for _, t, _ in items], dtype=torch.long)
+    return images, targets, [p for _, _, bad in items for p in bad]
+
+
+class _EpochBatches:
+    """The batch sampler handed to DataLoader; the loader swaps its batch list every epoch."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[tuple[int, int]]] = []
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+class Loader:
+    """Batches of (images float (B, C, H, W) normalized, targets long (B,)) for one rank."""
+
+    def __init__(self, ds: Any, plan: ShardPlan, *, transform: Any = None, seed: int = 0, num_workers: int = 0,
+                 pin_memory: bool = False, bad_image_limit: float = 0.01, batch_fn: Any = None):
+        self.ds, self.plan, self.seed = ds, plan, seed
+        self.bad_image_limit = bad_image_limit
+        self.batch_fn = batch_fn  # in-memory path: (indices, keys) -> (images, targets), no workers
+        self.epoch, self.start_batch = 0, 0
+        self._batches = _EpochBatches()
+        self._loader: Optional[DataLoader] = None
+        if batch_fn is None:
+            self._loader = DataLoader(
+                SampleReader(ds, transform, seed), batch_sampler=self._batches, num_workers=num_workers,
+                collate_fn=collate, pin_memory=pin_memory, persistent_workers=num_workers > 0,
+                prefetch_factor=4 if num_workers > 0 else None)
+        self._stats: dict[str, Any] = {}
+        self._reset_stats()
+
+    def _reset_stats(self) -> None:
+        self._stats = {"bad_images": 0, "bad_paths": [], "images": 0, "batches": 0, "data_wait_s": 0.0}
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Select the epoch's order; start_batch > 0 resumes mid-epoch (earlier batches are not read)."""
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def __len__(self) -> int:
+        return len(self.plan)
+
+    @property
+    def num_images(self) -> int:
+        """Images this rank reads per epoch."""
+        return min(len(self.plan) * self.plan.batch_size, self.plan.per_rank)
+
+    def stats(self) -> dict[str, Any]:
+        """This epoch so far: bad_images (count), bad_paths, images, batches, data_wait_s (time in next())."""
+        return dict(self._stats, bad_paths=list(self._stats["bad_paths"]))
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        self._reset_stats()
+        batches = self.plan.batches(self.epoch, self.start_batch)
+        self.start_batch = 0  # a resume offset applies once
+        limit = max(BAD_IMAGE_FLOOR, self.bad_image_limit * self.plan.per_rank)
+        if self.batch_fn is not None:
+            source: Iterator = (self.batch_fn(b) for b in batches)
+        else:
+            self._batches.batches = batches
+            source = iter(self._loader)  # type: ignore[arg-type]
+        while True:
+            t0 = time.perf_counter()
+            try:
+                images, targets, bad = next(source)
+            except StopIteration:
+                return
+            st = self._stats
+            st["data_wait_s"] += time.perf_counter() - t0
+            st["batches"] += 1
+            st["images"] += len(targets)
+            if bad:
+                st["bad_images"] += len(bad)
+                st["bad_paths"] += bad[: max(0, 100 - len(st["bad_paths"]))]
+                if st["bad_images"] > limit:
+                    raise DataError(f"{st['bad_images']} unreadable images this epoch (limit {limit:.0f}, "
+                                    f"bad_image_limit={self.bad_image_limit}); e.g. {st['bad_paths'][:3]}; "
+                                    "run `vitkit data check DIR`")
+            yield images, targets
+
+
+def build_loader(cfg: Any, ds: Any, *, train: bool, data_config: DataConfig, rank: int = 0,
+                 world_size: int = 1) -> Loader:
+    """The loader for `ds` on one rank. Small in-memory datasets with the plain CIFAR recipe (pad-crop, flip)
+    skip workers and augment whole batches (vitkit.data.batch_augment); everything else decodes per sample in
+    `num_parallel_workers` processes."""
+    from vitkit.data.datasets import SMALL_MEMORY_BYTES, ArrayDataset, image_size_hint, to_memory
+    from vitkit.data.transforms import SMALL_IMAGE_MAX, build_transform
+
+    plan = ShardPlan(len(ds), batch_size=cfg.batch_size, train=train, shuffle=cfg.shuffle, seed=cfg.seed,
+                     drop_remainder=cfg.drop_remainder, aug_repeats=cfg.aug_repeats, rank=rank,
+                     world_size=world_size)
+    size = image_size_hint(ds)
+    small = size is not None and max(size) <= SMALL_IMAGE_MAX
+    in_memory = getattr(cfg, "in_memory", None)
+    if in_memory is None:
+        in_memory = small and len(ds) * size[0] * size[1] * 3 <= SMALL_MEMORY_BYTES  # type: ignore[index]
+    limit = getattr(cfg, "bad_image_limit", 0.01)
+    if in_memory and size is not None:
+        ds = to_memory(ds, size)
+        from vitkit.data.batch_augment import BatchAugment
+
+        if BatchAugment.supports(cfg, train):
+            aug = BatchAugment(ds, data_config, cfg if train else None, seed=cfg.seed)
+            return Loader(ds, plan, seed=cfg.seed, bad_image_limit=limit, batch_fn=aug)
+    transform = build_transform(data_config, cfg if train else None, train=train, small_data=small)
+    workers = cfg.num_parallel_workers if not isinstance(ds, ArrayDataset) or cfg.auto_augment else 0
+    return Loader(ds, plan, transform=transform, seed=cfg.seed, num_workers=workers,
+                  pin_memory=torch.cuda.is_available(), bad_image_limit=limit)

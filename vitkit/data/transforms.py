@@ -1,0 +1,185 @@
+"""Train and eval transforms: PIL image (possibly not yet decoded) -> normalized float tensor (C, H, W).
+
+Built on torchvision transforms v2 where they fit. The first step of each pipeline decodes the JPEG itself so
+it can use libjpeg's reduced-size decode (PIL `draft`, DCT scaling by 1/2, 1/4, 1/8) whenever the crop will
+be shrunk by at least that factor anyway: the image is decoded at the smallest scale that still has at least
+the output resolution over the crop, which is where a full-size decode would be downsampled to (measured in
+benchmarks/bench_loader.py).
+
+Pipelines (cfg values in brackets):
+- train, large images: RandomResizedCrop(image_resize, [scale], [ratio], [interpolation]) -> flips [hflip,
+  vflip] -> ColorJitter [color_jitter] (off when auto_augment is set, as in timm) -> auto augment -> tensor ->
+  Normalize [mean, std] -> RandomErasing [re_*].
+- train, small images (<= 64 px, e.g. CIFAR): pad by size/8 (4 for 32 px) + random crop at the native size ->
+  flips -> jitter / auto augment -> resize to image_resize if it differs (finetuning a 224 px model on CIFAR
+  with the pretrained model's mean/std) -> tensor -> Normalize -> RandomErasing.
+- eval: shorter side resized to DataConfig.resize_size (input_size / crop_pct), center crop input_size; small
+  images are resized straight to input_size.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+import numpy as np
+import torch
+import torchvision.transforms.v2 as v2
+from PIL import Image
+from torchvision.transforms import RandomResizedCrop as _RRCv1
+
+from vitkit.data.augment import PIL_INTERPOLATION, build_auto_augment
+from vitkit.data.preprocess import DataConfig
+
+SMALL_IMAGE_MAX = 64  # images at most this size take the pad-and-crop path (CIFAR-style)
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode -> RGB: grayscale, CMYK, palette, alpha (dropped, as timm/torchvision do), 16-bit."""
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        # convert("RGB") would clip 16-bit values at 255; scale the range down instead.
+        a = np.asarray(img, dtype=np.float64)
+        peak = 65535.0 if a.max() > 255 else 255.0
+        img = Image.fromarray(np.clip(a * (255.0 / peak) + 0.5, 0, 255).astype(np.uint8), "L")
+    elif img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")  # avoids PIL's warning on palette transparency
+    return img.convert("RGB")
+
+
+def _draft(img: Image.Image, needed_w: float, needed_h: float) -> float:
+    """Ask libjpeg for a reduced-size decode that keeps >= needed pixels; returns the scale actually used."""
+    if getattr(img, "format", None) != "JPEG" or not getattr(img, "tile", None):  # not JPEG, or decoded
+        return 1.0
+    w, h = img.size
+    k = 1
+    while k < 8 and w / (2 * k) >= needed_w and h / (2 * k) >= needed_h:
+        k *= 2
+    if k > 1:
+        img.draft("RGB", (math.ceil(w / k), math.ceil(h / k)))
+    return img.size[0] / w
+
+
+class DecodeRandomResizedCrop(torch.nn.Module):
+    """RandomResizedCrop that samples the box from the header size, then decodes just enough resolution.
+
+    The box is drawn by torchvision's RandomResizedCrop.get_params (same distribution as timm's); the crop and
+    resize are one PIL `resize(box=...)` call.
+    """
+
+    def __init__(self, size: int, scale: tuple[float, float], ratio: tuple[float, float], interpolation: str):
+        super().__init__()
+        self.size, self.scale, self.ratio = size, list(scale), list(ratio)
+        self.resample = PIL_INTERPOLATION[interpolation]
+
+    def forward(self, img: Image.Image) -> Image.Image:
+        w, h = img.size
+        top, left, ch, cw = _RRCv1.get_params(img, self.scale, self.ratio)  # reads the header size only
+        s = _draft(img, w * self.size / cw, h * self.size / ch)
+        img = to_rgb(img)
+        box = (left * s, top * s, (left + cw) * s, (top + ch) * s)
+        return img.resize((self.size, self.size), self.resample, box=box)
+
+
+class DecodeResize(torch.nn.Module):
+    """Shorter side -> `size` (torchvision Resize semantics), decoding at reduced size where that is lossless."""
+
+    def __init__(self, size: int, interpolation: str):
+        super().__init__()
+        self.size, self.resample = size, PIL_INTERPOLATION[interpolation]
+
+    def forward(self, img: Image.Image) -> Image.Image:
+        w, h = img.size
+        short = min(w, h)
+        _draft(img, w * self.size / short, h * self.size / short)
+        img = to_rgb(img)
+        w2, h2 = img.size
+        if w <= h:
+            size = (self.size, int(self.size * h / w))
+        else:
+            size = (int(self.size * w / h), self.size)
+        return img if (w2, h2) == size else img.resize(size, self.resample)
+
+
+class ToRGB(torch.nn.Module):
+    def forward(self, img: Image.Image) -> Image.Image:
+        return to_rgb(img)
+
+
+def _to_tensor_normalized(dc: DataConfig) -> list[Any]:
+    return [v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(dc.mean), list(dc.std))]
+
+
+def _erasing(cfg: Any) -> list[Any]:
+    if cfg.re_prob <= 0:
+        return []
+    value: Any = "random" if cfg.re_value == "random" else float(cfg.re_value)
+    return [v2.RandomErasing(p=cfg.re_prob, scale=tuple(cfg.re_scale), ratio=tuple(cfg.re_ratio), value=value)]
+
+
+def _color(cfg: Any, dc: DataConfig, size: int) -> list[Any]:
+    out: list[Any] = []
+    if cfg.auto_augment:
+        out.append(build_auto_augment(cfg.auto_augment, img_size=size, mean=dc.mean, interpolation=dc.interpolation))
+    elif cfg.color_jitter:
+        j = float(cfg.color_jitter)
+        out.append(v2.ColorJitter(brightness=j, contrast=j, saturation=j))
+    return out
+
+
+def _flips(cfg: Any) -> list[Any]:
+    out: list[Any] = []
+    if cfg.hflip > 0:
+        out.append(v2.RandomHorizontalFlip(cfg.hflip))
+    if cfg.vflip > 0:
+        out.append(v2.RandomVerticalFlip(cfg.vflip))
+    return out
+
+
+def build_transform(data_config: DataConfig, cfg: Any = None, *, train: bool,
+                    small_data: Optional[bool] = None, normalize: bool = True) -> v2.Compose:
+    """PIL image -> normalized float tensor (C, H, W). `cfg` None means eval.
+
+    small_data: the source images are CIFAR-sized (default: data_config.input_size <= 64). normalize=False
+    stops at a uint8 tensor (the loader normalizes whole batches; RandomErasing then runs on the batch too).
+    """
+    dc = data_config
+    small = dc.input_size <= SMALL_IMAGE_MAX if small_data is None else small_data
+    tail = _to_tensor_normalized(dc) if normalize else [v2.PILToTensor()]
+    interp = _tv_interp(dc.interpolation)
+    if not train or cfg is None:
+        if small:
+            head = [ToRGB(), v2.Resize((dc.input_size, dc.input_size), interpolation=interp, antialias=True)]
+        else:
+            head = [DecodeResize(dc.resize_size, dc.interpolation), v2.CenterCrop(dc.input_size)]
+        return v2.Compose(head + tail)
+    if small:
+        # CIFAR recipe (He et al. 2016): zero-pad by 1/8 of the side, random crop back, at the native size.
+        head = [ToRGB(), _NativePadCrop()] + _flips(cfg) + _color(cfg, dc, dc.input_size)
+        head.append(_ResizeIfNeeded(dc.input_size, dc.interpolation))
+    else:
+        head = [DecodeRandomResizedCrop(dc.input_size, tuple(cfg.scale), tuple(cfg.ratio), dc.interpolation)]
+        head += _flips(cfg) + _color(cfg, dc, dc.input_size)
+    return v2.Compose(head + tail + (_erasing(cfg) if normalize else []))
+
+
+class _NativePadCrop(torch.nn.Module):
+    """RandomCrop at the image's own size with zero padding of size // 8 on each side."""
+
+    def forward(self, img: Image.Image) -> Image.Image:
+        w, h = img.size
+        pad = max(1, min(w, h) // 8)
+        return v2.RandomCrop((h, w), padding=pad)(img)
+
+
+class _ResizeIfNeeded(torch.nn.Module):
+    def __init__(self, size: int, interpolation: str):
+        super().__init__()
+        self.size, self.resample = size, PIL_INTERPOLATION[interpolation]
+
+    def forward(self, img: Image.Image) -> Image.Image:
+        return img if img.size == (self.size, self.size) else img.resize((self.size, self.size), self.resample)
+
+
+def _tv_interp(name: str) -> v2.InterpolationMode:
+    return v2.InterpolationMode.BOX if name == "area" else v2.InterpolationMode(name)
