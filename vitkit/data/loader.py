@@ -165,7 +165,8 @@ class Loader:
             self._loader = DataLoader(
                 SampleReader(ds, transform, seed), batch_sampler=self._batches, num_workers=num_workers,
                 collate_fn=collate, pin_memory=pin_memory, persistent_workers=num_workers > 0,
-                prefetch_factor=4 if num_workers > 0 else None)
+                prefetch_factor=4 if num_workers > 0 else None,
+                generator=torch.Generator())  # DataLoader draws a base seed; keep it off the global RNG
         self._stats: dict[str, Any] = {}
         self._reset_stats()
 
