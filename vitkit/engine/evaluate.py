@@ -13,31 +13,11 @@ from contextlib import nullcontext
 from typing import Any, Iterable
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
+from vitkit.engine.distributed import all_reduce_sum, gather_objects
+
 TOPK = (1, 5)
-
-
-def _dist_ready() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def _sum_across_ranks(values: torch.Tensor) -> torch.Tensor:
-    """Element-wise sum over all ranks (a no-op without torch.distributed)."""
-    if _dist_ready():
-        # float64 keeps integer counts exact up to 2**53 images and the loss sum precise.
-        dist.all_reduce(values, op=dist.ReduceOp.SUM)
-    return values
-
-
-def _gather_across_ranks(parts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Concatenate per-sample tensors of all ranks in rank order (objects, since shard sizes differ)."""
-    if not _dist_ready():
-        return parts
-    gathered: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, {k: v.cpu() for k, v in parts.items()})
-    return {k: torch.cat([g[k] for g in gathered]) for k in parts}
 
 
 def _batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -97,7 +77,8 @@ def evaluate(
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     elapsed = time.perf_counter() - start
-    sums = _sum_across_ranks(sums)
+    # float64 keeps integer counts exact up to 2**53 images
+    sums = all_reduce_sum(sums)
     correct1, correctk, loss_sum, n = (float(v) for v in sums.tolist())
     model.train(was_training)
     n_int = int(n)
@@ -113,7 +94,8 @@ def evaluate(
     }
     if collect:
         local = {key: torch.cat(v) if v else torch.empty(0) for key, v in parts.items()}
-        result.update(_gather_across_ranks(local))
+        ranks = gather_objects(local)  # objects: shard sizes differ by up to one batch
+        result.update({key: torch.cat([r[key] for r in ranks]) for key in local})
     return result
 
 

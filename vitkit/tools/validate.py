@@ -1,0 +1,297 @@
+"""`vitkit validate` / `python validate.py -c CONFIG --data_dir D --ckpt_path P`: top-1, top-5, mean loss.
+
+The config schema is training's (`vitkit train --help`); the weights come from `--ckpt_path` (a vitkit
+checkpoint, or any supported foreign file) or `--pretrained` (true, a file, URL or hub id). A vitkit
+checkpoint brings its own model, preprocessing, class names and dataset settings (dataset, data_dir,
+val_split, batch_size, amp), so `vitkit validate --ckpt_path runs/x/best.safetensors` is enough on the
+machine that trained it. Eval preprocessing comes from the checkpoint (or the weights) and is overridden
+only by `--crop_pct`, `--image_resize`, `--interpolation`, `--mean`, `--std` given on the command line: the
+recipe's YAML values already shaped what the checkpoint recorded.
+
+It evaluates with `vitkit.engine.evaluate.evaluate`, the function the training loop calls, so the numbers
+are the loop's. Weights that do not fit (another model, another number of classes, a dataset with other
+classes) are an error naming the mismatch; no weights at all is an error unless `--allow_random`.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vitkit.data.preprocess import DataConfig, to_unit_range
+from vitkit.engine.checkpoint import Checkpoint, atomic_write, is_vitkit_checkpoint, load_checkpoint
+from vitkit.engine.config import Config, load_config
+from vitkit.engine.evaluate import confusion_matrix, evaluate, per_class_accuracy
+from vitkit.errors import ConfigError, DataError, WeightsError
+
+# Dataset settings a checkpoint's saved run config lends to validate (never its weights keys: its ckpt_path
+# and pretrained are where *training* started from).
+FROM_CHECKPOINT = ("dataset", "data_dir", "val_split", "batch_size", "amp_level", "amp_dtype")
+# Eval preprocessing keys the command line may override.
+PREPROCESS_KEYS = ("image_resize", "crop_pct", "interpolation", "mean", "std")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="vitkit validate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,  # unknown --options are config keys; never let argparse complete them to ours
+        epilog="Every config key is accepted too (-c FILE, --data_dir, --dataset, --val_split, --batch_size, "
+               "--model, --ckpt_path, --pretrained, --amp_level, --device, --crop_pct, ...): vitkit train --help")
+    p.add_argument("--use_ema", action="store_true", help="evaluate the checkpoint's EMA weights")
+    p.add_argument("--results_file", default=None, help="write the results as JSON to this file")
+    p.add_argument("--per_class", action="store_true", help="print (and save) top-1 of every class")
+    p.add_argument("--confusion_matrix", default=None, metavar="CSV", help="write the confusion matrix as CSV "
+                   "(rows: true class, columns: predicted) and a PNG beside it")
+    p.add_argument("--mistakes", default=None, metavar="CSV", help="write every misclassified image as CSV")
+    p.add_argument("--allow_random", action="store_true",
+                   help="evaluate a randomly initialised model when no weights are given (a chance-level baseline)")
+    return p
+
+
+def _explicit(cfg: Config, key: str) -> bool:
+    return cfg.sources.get(key) == "command line"
+
+
+def _checkpoint_defaults(ckpt: Checkpoint) -> dict[str, Any]:
+    saved = ckpt.config or {}
+    return {k: saved[k] for k in FROM_CHECKPOINT if saved.get(k) is not None}
+
+
+def _override_preprocessing(dc: DataConfig, cfg: Config, explicit: Any) -> DataConfig:
+    """Replace the fields of `dc` whose config keys `explicit(cfg, key)` says the user set."""
+    changes: dict[str, Any] = {}
+    if explicit(cfg, "image_resize"):
+        changes["input_size"] = int(cfg.image_resize)
+    if explicit(cfg, "crop_pct") and cfg.crop_pct is not None:
+        changes["crop_pct"] = float(cfg.crop_pct)
+    if explicit(cfg, "interpolation"):
+        changes["interpolation"] = cfg.interpolation
+    if explicit(cfg, "mean") and cfg.mean is not None:
+        changes["mean"] = to_unit_range(tuple(cfg.mean))
+    if explicit(cfg, "std") and cfg.std is not None:
+        changes["std"] = to_unit_range(tuple(cfg.std))
+    return replace(dc, **changes)
+
+
+def _arch_summary(arch: Any) -> str:
+    return (f"embed_dim {arch.embed_dim}, depth {arch.depth}, patch {arch.patch_size}, {arch.img_size} px, "
+            f"{arch.num_classes} classes")
+
+
+def model_from_checkpoint(cfg: Config, ckpt: Checkpoint, use_ema: bool) -> tuple[torch.nn.Module, DataConfig,
+                                                                                  list[str] | None]:
+    """The checkpoint's model; a config that names another model or class count is an error naming both."""
+    from vitkit.models.registry import build_config
+
+    if "model" in cfg.sources and cfg.model != ckpt.model_name:
+        try:
+            wanted = _arch_summary(build_config(cfg.model, num_classes=cfg.num_classes))
+        except KeyError as e:
+            raise ConfigError(str(e).strip("'\"")) from None
+        raise WeightsError(f"{ckpt.path} is a {ckpt.model_name} checkpoint ({_arch_summary(ckpt.arch)}) but the "
+                           f"config asks for {cfg.model} ({wanted}); drop `model` or validate a {cfg.model} "
+                           f"checkpoint")
+    if cfg.num_classes is not None and cfg.num_classes != ckpt.arch.num_classes:
+        raise WeightsError(f"{ckpt.path} has a {ckpt.arch.num_classes}-class head but the config says num_classes "
+                           f"{cfg.num_classes}; drop num_classes or use a checkpoint trained for {cfg.num_classes}")
+    model = ckpt.build_model(use_ema=use_ema)
+    return model, _override_preprocessing(ckpt.data_config, cfg, _explicit), ckpt.class_names
+
+
+def model_from_weights(cfg: Config, weights: bool | str, allow_random: bool) -> tuple[torch.nn.Module, DataConfig]:
+    """`cfg.model` with foreign weights (or random ones with `allow_random`), and its eval preprocessing.
+
+    The head is never reset here: the model takes the weights' own class count, and `check_fit` compares it
+    with the dataset, so a foreign checkpoint for another task is an error instead of a random head.
+    """
+    from vitkit.models.registry import create_model, get_spec
+
+    try:
+        spec = get_spec(cfg.model)
+    except KeyError as e:
+        raise ConfigError(str(e).strip("'\"")) from None
+    if not weights and not allow_random:
+        raise WeightsError("no weights to validate: pass --ckpt_path FILE, or --pretrained true / a file / a hub id "
+                           "(or --allow_random for a chance-level baseline)")
+    num_classes = cfg.num_classes if not weights else None
+    model = create_model(cfg.model, pretrained=weights or False, num_classes=num_classes).eval()
+    if weights and cfg.num_classes is not None and model.num_classes != cfg.num_classes:
+        raise WeightsError(f"the weights {weights} have a {model.num_classes}-class head but the config says "
+                           f"num_classes {cfg.num_classes}")
+    stated = getattr(model, "pretrained_data", None) or {}  # preprocessing the weights state, if any
+    dc = DataConfig(input_size=int(stated.get("input_size", model.cfg.img_size)),
+                    mean=tuple(stated.get("mean", spec.mean)), std=tuple(stated.get("std", spec.std)),  # type: ignore[arg-type]
+                    interpolation=str(stated.get("interpolation", spec.interpolation)),
+                    crop_pct=float(stated.get("crop_pct", spec.crop_pct)))
+    # without a checkpoint's record, the recipe's (YAML) values count as well as the command line's
+    return model, _override_preprocessing(dc, cfg, lambda c, k: k in c.sources)
+
+
+def check_fit(model: torch.nn.Module, ds: Any, class_names: list[str] | None, source: str) -> None:
+    """The dataset's labels must mean what the model's outputs mean."""
+    classes = getattr(ds, "classes", None)
+    if classes is None:
+        return
+    if len(classes) != model.num_classes:
+        raise WeightsError(f"the dataset has {len(classes)} classes but {source} has a {model.num_classes}-class "
+                           f"head; validate on data with the model's classes (or finetune it first)")
+    if class_names and list(class_names) != list(classes):
+        diff = next(i for i, (a, b) in enumerate(zip(class_names, classes)) if a != b)
+        raise DataError(f"class {diff} is {class_names[diff]!r} in {source} but {classes[diff]!r} in the dataset; "
+                        f"the labels would not match")
+
+
+def _dataset_indices(loader: Any, world_size: int) -> list[int] | None:
+    """Dataset index of each collected prediction (ranks in order), when the loader says how it shards."""
+    plan = getattr(loader, "plan", None)
+    if plan is None:
+        return None
+    from vitkit.engine.distributed import gather_objects
+
+    return [i for part in gather_objects(plan.epoch(0)[0].tolist()) for i in part]
+
+
+def write_reports(opts: argparse.Namespace, result: dict[str, Any], names: list[str],
+                  samples: list[tuple[int, str]] | None) -> dict[str, Any]:
+    """Per-class accuracy (printed, and returned for the results file), confusion matrix CSV + PNG, mistakes
+    CSV. `samples`: (dataset index, path) of each prediction, when known."""
+    targets, preds, probs = result["targets"], result["preds"], result["probs"]
+    top1 = preds[:, 0]
+    n = len(names)
+    extra: dict[str, Any] = {}
+    if opts.per_class:
+        acc = per_class_accuracy(targets, top1, n)
+        counts = torch.bincount(targets, minlength=n)
+        extra["per_class"] = {name: {"top1": float(a), "num_images": int(c)}
+                              for name, a, c in zip(names, acc.tolist(), counts.tolist())}
+        width = max(len(x) for x in names)
+        print("per-class top-1:")
+        for name, a, c in zip(names, acc.tolist(), counts.tolist()):
+            print(f"  {name:<{width}}  {a:6.2f}%  ({c} images)")
+    if opts.confusion_matrix:
+        cm = confusion_matrix(targets, top1, n)
+        path = Path(opts.confusion_matrix)
+
+        def write_csv(tmp: str) -> None:
+            with open(tmp, "w", newline="") as f:
+                w = csv.writer(f)
+                w.writerow(["true \\ predicted"] + names)
+                w.writerows([names[i]] + row for i, row in enumerate(cm.tolist()))
+
+        atomic_write(path, write_csv)
+        png = _plot_confusion(cm, names, path.with_suffix(".png"))
+        print(f"confusion matrix: {path}" + (f" and {png}" if png else " (install matplotlib for the PNG)"))
+    if opts.mistakes:
+        wrong = (top1 != targets).nonzero().flatten().tolist()
+
+        def write_mistakes(tmp: str) -> None:
+            with open(tmp, "w", newline="") as f:
+                w = csv.writer(f)
+                w.writerow(["index", "path", "true", "predicted", "probability", "top_k"])
+                for j in wrong:
+                    idx, path = samples[j] if samples else (j, "")
+                    w.writerow([idx, path, names[int(targets[j])], names[int(top1[j])],
+                                f"{float(probs[j, 0]):.4f}", " ".join(names[int(c)] for c in preds[j])])
+
+        atomic_write(opts.mistakes, write_mistakes)
+        print(f"mistakes: {opts.mistakes} ({len(wrong)} images)")
+    return extra
+
+
+def _plot_confusion(cm: torch.Tensor, names: list[str], path: Path) -> Path | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")  # no display needed
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    n = len(names)
+    size = min(4 + 0.4 * n, 40)
+    fig, ax = plt.subplots(figsize=(size, size))
+    ax.imshow(cm.numpy(), cmap="Blues")
+    if n <= 50:  # beyond that the labels are unreadable; the CSV has them
+        ax.set_xticks(range(n), names, rotation=90)
+        ax.set_yticks(range(n), names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    plt.close(fig)
+    return path
+
+
+def run_validate(argv: list[str]) -> dict[str, Any]:
+    """Parse, build, evaluate, report; returns the results dict (without per-sample tensors)."""
+    from vitkit.data import build_dataset, build_loader
+    from vitkit.engine.distributed import distributed_session, is_main
+    from vitkit.engine.precision import resolve_precision
+
+    opts, rest = build_parser().parse_known_args(argv)
+    cfg = load_config(rest)
+    ckpt = None
+    if cfg.ckpt_path:
+        if not Path(cfg.ckpt_path).exists():
+            raise WeightsError(f"ckpt_path {cfg.ckpt_path} does not exist")
+        if cfg.pretrained:
+            raise ConfigError("give either ckpt_path or pretrained, not both: which weights should be validated?")
+        if is_vitkit_checkpoint(cfg.ckpt_path):
+            ckpt = load_checkpoint(cfg.ckpt_path)
+            cfg = load_config(rest, defaults=_checkpoint_defaults(ckpt))
+    if opts.use_ema and ckpt is None:
+        raise WeightsError("--use_ema needs a vitkit checkpoint in --ckpt_path (other weights carry no EMA copy)")
+    with distributed_session(cfg) as info:
+        if ckpt is not None:
+            model, dc, class_names = model_from_checkpoint(cfg, ckpt, opts.use_ema)
+            source, model_name = str(ckpt.path), ckpt.model_name
+        else:
+            weights = cfg.ckpt_path or cfg.pretrained
+            model, dc = model_from_weights(cfg, weights, opts.allow_random)
+            class_names, source, model_name = None, str(weights or "random weights"), cfg.model
+        if dc.input_size != model.cfg.img_size:  # evaluate at another resolution, as timm's --img-size
+            model.set_input_size(dc.input_size)
+        ds = build_dataset(cfg, cfg.val_split, train=False)
+        check_fit(model, ds, class_names, source)
+        loader = build_loader(cfg, ds, train=False, data_config=dc, rank=info.rank, world_size=info.world_size)
+        precision = resolve_precision(cfg, info.device)
+        if precision.notice and is_main():
+            print(precision.notice, file=sys.stderr)
+        model.to(info.device, dtype=precision.param_dtype)
+        want_samples = bool(opts.per_class or opts.confusion_matrix or opts.mistakes)
+        result = evaluate(model, loader, device=info.device, amp_dtype=precision.eval_dtype,
+                          num_classes=model.num_classes, collect=want_samples)
+        indices = _dataset_indices(loader, info.world_size) if want_samples else None
+        if not is_main():
+            return {}
+        names = list(getattr(ds, "classes", None) or class_names or [str(i) for i in range(model.num_classes)])
+        summary = {k: result[k] for k in ("top1", "top5", "topk", "loss", "num_images", "correct1", "correct5",
+                                          "images_per_s")}
+        summary.update(model=model_name, weights=source, use_ema=opts.use_ema, dataset=cfg.dataset,
+                       data_dir=cfg.data_dir, split=cfg.val_split, data_config=dc.to_dict(),
+                       precision=precision.describe(), device=str(info.device), world_size=info.world_size)
+        print(f"{model_name} ({source}{', EMA' if opts.use_ema else ''}) on {cfg.data_dir}/{cfg.val_split}: "
+              f"top-1 {result['top1']:.2f}%  top-{result['topk']} {result['top5']:.2f}%  loss {result['loss']:.4f}  "
+              f"{result['num_images']} images  {result['images_per_s']:.1f} images/s")
+        print(f"preprocessing: resize {dc.resize_size} ({dc.interpolation}), center crop {dc.input_size}, "
+              f"mean {list(dc.mean)}, std {list(dc.std)}; {precision.describe()} on {info.device}")
+        if want_samples:
+            samples = [(i, ds.path(i)) for i in indices] if indices is not None and hasattr(ds, "path") else None
+            summary.update(write_reports(opts, result, names, samples))
+        if opts.results_file:
+            text = json.dumps(summary, indent=2)
+            atomic_write(opts.results_file, lambda tmp: Path(tmp).write_text(text))
+        return summary
+
+
+def main(argv: list[str]) -> int:
+    if any(a in ("-h", "--help") for a in argv):
+        build_parser().print_help()
+        return 0
+    run_validate(argv)
+    return 0
