@@ -310,3 +310,18 @@ def test_train_sharding_is_one_permutation_split_over_ranks(drop, repeats):
         assert len(allidx) == 12 and set(allidx.tolist()) == set(range(n))
     single = ShardPlan(n, batch_size=2, train=True, seed=1, drop_remainder=False).epoch(4)[0]
     assert sorted(single.tolist()) == list(range(n)) and not np.array_equal(single, np.arange(n))
+
+
+def test_data_check_lists_problems(tmp_path, capsys):
+    from vitkit.cli import main as cli
+
+    root = _with_bad_files(tmp_path, 2)
+    (root / "train" / "empty").mkdir()
+    _folder(tmp_path / "x", {"big": 7, "small": 2})
+    (tmp_path / "x" / "train").rename(root / "val")
+    assert cli(["data", "check", str(root)]) == 1
+    out = capsys.readouterr().out
+    assert "unreadable: " in out and "bad0.jpg" in out and "bad1.jpg" in out
+    assert f"empty class: {root / 'train' / 'empty'}" in out and "imbalance: val" in out
+    assert cli(["data", "check", str(SAMPLE / "test")]) == 0
+    assert cli(["data", "check", str(tmp_path / "missing")]) == 2
