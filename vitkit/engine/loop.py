@@ -1,0 +1,456 @@
+"""The training loop: one validated Config in, a run directory of trustworthy checkpoints out.
+
+A run's position is its optimizer step: the epoch is `step // steps_per_epoch`, the batch to read next is
+`(step % steps_per_epoch) * gradient_accumulation_steps`, and the lr is `schedule(step)`. A checkpoint stores
+that step with everything else that changes over a run (weights, EMA, optimizer, loss scaler, RNG states), and
+the loader's order and augmentation are functions of (seed, epoch, position) (`vitkit.data.loader`), so a
+resumed run, mid-epoch too, continues exactly as if it had never stopped. Data loading runs inside
+`torch.random.fork_rng`, so the model's random stream (dropout, drop path) never depends on how the data was
+read.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import time
+from pathlib import Path
+from typing import Any, Iterator, Optional, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from vitkit.data import build_dataset, build_loader, build_mixup, resolve_data_config
+from vitkit.engine.checkpoint import load_checkpoint, load_train_state, save_checkpoint
+from vitkit.engine.config import Config
+from vitkit.engine.ema import ModelEMA
+from vitkit.engine.evaluate import evaluate
+from vitkit.engine.loss import classification_loss
+from vitkit.engine.monitor import Monitor, format_duration, run_info
+from vitkit.engine.optim import create_optimizer
+from vitkit.engine.precision import resolve_precision
+from vitkit.engine.saver import CheckpointSaver, rng_state, set_rng_state
+from vitkit.engine.schedule import build_schedule, set_lr
+from vitkit.errors import ConfigError, DataError, VitkitError, WeightsError
+from vitkit.models import create_model, get_spec
+from vitkit.models.vit import count_params
+
+MAX_ROLLBACKS = 3  # nan_policy rollback: give up after this many reloads
+ROLLBACK_LR_FACTOR = 0.5
+MAX_SKIPPED_STEPS = 25  # fp16: consecutive overflowed (skipped) steps that mean divergence, not a bad scale
+
+
+class NonFiniteLoss(Exception):
+    def __init__(self, step: int, loss: float, grad_norm: float):
+        super().__init__(f"non-finite loss {loss} / gradient norm {grad_norm} at step {step}")
+        self.step, self.loss, self.grad_norm = step, loss, grad_norm
+
+
+def pick_device(name: str) -> torch.device:
+    """`auto`: the first CUDA device when there is one, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"config key 'device': {name!r} asked for, but this machine has no CUDA GPU; "
+                          f"use --device auto or cpu")
+    return device
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+
+
+def resolve_resume_path(cfg: Config) -> Optional[Path]:
+    """The checkpoint to continue from: `--resume PATH`, `--resume true` (last in ckpt_save_dir), or
+    `--ckpt_path P --resume_opt`. None for a fresh run."""
+    if cfg.resume is True:
+        path = Path(cfg.ckpt_save_dir) / "last.safetensors"
+        if not path.is_file():
+            raise VitkitError(f"--resume: no checkpoint to resume in {cfg.ckpt_save_dir} ({path.name} is missing); "
+                              f"pass --resume PATH or the run's --ckpt_save_dir")
+        return path
+    if isinstance(cfg.resume, str) and cfg.resume:
+        return Path(cfg.resume)
+    if cfg.ckpt_path and cfg.resume_opt:
+        return Path(cfg.ckpt_path)
+    return None
+
+
+class Trainer:
+    """Builds data, model, optimizer, schedule, precision and bookkeeping from `cfg`; `fit()` runs them."""
+
+    def __init__(self, cfg: Config, *, argv: Optional[Sequence[str]] = None, rank: int = 0, world_size: int = 1,
+                 monitor: Optional[Monitor] = None):
+        self.cfg, self.rank, self.world_size = cfg, rank, world_size
+        self.device = pick_device(cfg.device)
+        seed_everything(cfg.seed, cfg.deterministic)
+        if self.device.type == "cuda" and not cfg.deterministic:
+            torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls: fp32 accuracy for training, ~8x speed
+            torch.backends.cudnn.allow_tf32 = True
+        self.run_dir = Path(cfg.ckpt_save_dir)
+        self.monitor = monitor or Monitor(self.run_dir, enabled=rank == 0, log_interval=cfg.log_interval)
+        self._build_data()
+        self._build_model()
+        self.saver = CheckpointSaver(self.run_dir, model_name=cfg.model, policy=cfg.ckpt_save_policy,
+                                     keep_max=cfg.keep_checkpoint_max)
+        self.argv = list(argv) if argv is not None else None
+        self.step, self.lr_factor, self.rollbacks, self.skipped = 0, 1.0, 0, 0
+        self.epoch_meter = {"loss_sum": 0.0, "steps": 0}
+        self.last_metrics: dict[str, Any] = {}
+        resume = resolve_resume_path(cfg)
+        if resume is not None:
+            self.restore(resume)
+            self.monitor.print(f"resumed from {resume} at epoch {self.epoch + 1}, step {self.step}")
+
+    # -- construction -----------------------------------------------------------------------------------
+    def _build_data(self) -> None:
+        cfg = self.cfg
+        self.data_config = resolve_data_config(cfg, get_spec(cfg.model))
+        train_ds = build_dataset(cfg, cfg.train_split, train=True)
+        self.class_names = list(train_ds.classes)
+        if cfg.num_classes is not None and cfg.num_classes != len(self.class_names):
+            raise DataError(f"num_classes is {cfg.num_classes} but {cfg.data_dir}/{cfg.train_split} has "
+                            f"{len(self.class_names)} classes; drop --num_classes or fix the dataset")
+        self.num_classes = len(self.class_names)
+        self.train_loader = build_loader(cfg, train_ds, train=True, data_config=self.data_config, rank=self.rank,
+                                         world_size=self.world_size)
+        self.val_loader = None
+        if cfg.val_while_train:
+            val_ds = build_dataset(cfg, cfg.val_split, train=False)
+            if cfg.smoke:
+                from vitkit.data.datasets import stratified_subset
+
+                val_ds = stratified_subset(val_ds, SMOKE_VAL_IMAGES, cfg.seed)
+            self.val_loader = build_loader(cfg, val_ds, train=False, data_config=self.data_config, rank=self.rank,
+                                           world_size=self.world_size)
+        self.mixup = build_mixup(cfg, self.num_classes)
+        self.accum = cfg.gradient_accumulation_steps
+        self.steps_per_epoch = len(self.train_loader) // self.accum
+        if self.steps_per_epoch == 0:
+            raise DataError(f"{len(self.train_loader)} training batches per epoch is fewer than "
+                            f"gradient_accumulation_steps={self.accum}; lower batch_size or accumulation")
+
+    def _build_model(self) -> None:
+        cfg = self.cfg
+        # ckpt_path without resume_opt: start from those weights (any format), through the pretrained loader.
+        weights = cfg.ckpt_path if cfg.ckpt_path and not cfg.resume_opt else cfg.pretrained
+        self.model = create_model(cfg.model, pretrained=weights, num_classes=self.num_classes,
+                                  img_size=cfg.image_resize, drop_rate=cfg.drop_rate, drop_path_rate=cfg.drop_path_rate)
+        if cfg.grad_checkpointing:
+            self.model.set_grad_checkpointing(True)
+        self.precision = resolve_precision(cfg, self.device)
+        if self.precision.notice:
+            self.monitor.print(self.precision.notice)
+        self.model.to(self.device, dtype=self.precision.param_dtype)
+        self.ema = ModelEMA(self.model, cfg.ema_decay) if cfg.ema else None
+        self.optimizer = create_optimizer(self.model, cfg, self.device)
+        self.schedule = build_schedule(cfg, self.steps_per_epoch)
+        self.train_model: nn.Module = torch.compile(self.model) if cfg.compile else self.model
+
+    # -- position ---------------------------------------------------------------------------------------
+    @property
+    def epoch(self) -> int:
+        """Epochs completed."""
+        return self.step // self.steps_per_epoch
+
+    @property
+    def total_steps(self) -> int:
+        return self.steps_per_epoch * self.cfg.epoch_size
+
+    @property
+    def last_step(self) -> int:
+        """Where this invocation stops: the end of training, or max_steps (the schedule is not shortened)."""
+        return min(self.total_steps, self.cfg.max_steps or self.total_steps)
+
+    # -- checkpoints ------------------------------------------------------------------------------------
+    def train_state(self) -> dict[str, Any]:
+        """Everything besides the weights that resuming needs; plain values and tensors only."""
+        return {
+            "format": "vitkit-train-state", "version": 1,
+            "step": self.step, "epoch": self.epoch, "steps_per_epoch": self.steps_per_epoch,
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.precision.scaler.state_dict() if self.precision.scaler.is_enabled() else {},
+            "schedule": {"lr_factor": self.lr_factor, "name": self.schedule.name},
+            "rollbacks": self.rollbacks, "epoch_meter": dict(self.epoch_meter),
+            "rng": rng_state(),
+        }
+
+    def _write(self, path: Path) -> None:
+        save_checkpoint(path, self.model, model_name=self.cfg.model, data_config=self.data_config,
+                        class_names=self.class_names, config=self.cfg.to_dict(),
+                        ema_model=self.ema.module if self.ema else None, epoch=self.epoch, step=self.step,
+                        metrics=self.last_metrics, train_state=self.train_state())
+
+    def save(self, *, keep_epoch: bool, val_top1: Optional[float] = None) -> Optional[Path]:
+        if self.rank != 0:
+            return None
+        return self.saver.save(self._write, epoch=self.epoch, step=self.step, val_top1=val_top1,
+                               keep_epoch=keep_epoch)
+
+    def restore(self, path: Path) -> None:
+        """Load weights, EMA and training state from a checkpoint written by `save`."""
+        ckpt = load_checkpoint(path)
+        if ckpt.model_name != self.cfg.model or ckpt.arch != self.model.cfg:
+            raise WeightsError(f"{path} holds {ckpt.model_name} ({ckpt.arch.num_classes} classes, "
+                               f"{ckpt.arch.img_size} px); this run builds {self.cfg.model} "
+                               f"({self.model.cfg.num_classes} classes, {self.model.cfg.img_size} px). Resume with "
+                               f"the run's own config, or start from its weights with --ckpt_path (no --resume_opt)")
+        state = load_train_state(path)
+        if state["steps_per_epoch"] != self.steps_per_epoch:
+            raise VitkitError(f"{path} was written with {state['steps_per_epoch']} steps per epoch, this run has "
+                              f"{self.steps_per_epoch}: resuming exactly needs the same data, batch_size, "
+                              f"gradient_accumulation_steps and number of processes")
+        self.model.load_state_dict({k: v.to(self.precision.param_dtype) if v.is_floating_point() else v
+                                    for k, v in ckpt.state_dict.items()})
+        if self.ema is not None:
+            if ckpt.ema_state_dict is None:
+                raise VitkitError(f"{path} has no EMA weights but this run has ema: true")
+            self.ema.load_state_dict(ckpt.ema_state_dict)
+        self.optimizer.load_state_dict(state["optimizer"])
+        if state["scaler"]:
+            self.precision.scaler.load_state_dict(state["scaler"])
+        self.step = int(state["step"])
+        self.lr_factor = float(state["schedule"]["lr_factor"])
+        self.rollbacks = int(state["rollbacks"])
+        self.epoch_meter = dict(state["epoch_meter"])
+        self.last_metrics = dict(ckpt.metrics)
+        set_rng_state(state["rng"])
+        self.saver.forget_after(self.step)
+        self.monitor.truncate_metrics(self.epoch)
+
+    # -- one optimizer step -----------------------------------------------------------------------------
+    def train_step(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[float, float]:
+        """Forward and backward over the micro-batches, then one optimizer update. Returns (mean loss, grad norm).
+
+        The same code runs fp32, autocast and fp16 with loss scaling: autocast and the scaler are disabled
+        (pass-through) when not in use.
+        """
+        cfg, scaler = self.cfg, self.precision.scaler
+        self.train_model.train()
+        total = torch.zeros((), device=self.device)
+        for micro, (images, targets) in enumerate(batches):
+            images = images.to(self.device, non_blocking=True)
+            targets = targets.to(self.device, non_blocking=True)
+            smoothing = cfg.label_smoothing
+            if self.mixup is not None:  # soft targets with smoothing already folded in
+                images, targets = self.mixup(images, targets, self.step * self.accum + micro)
+                smoothing = 0.0
+            sync = micro == len(batches) - 1
+            with self._no_sync(sync), self.precision.autocast():
+                logits = self.train_model(images.to(self.precision.param_dtype))
+                loss = classification_loss(logits, targets, kind=cfg.loss, smoothing=smoothing)
+            with self._no_sync(sync):
+                scaler.scale(loss / len(batches)).backward()
+            total += loss.detach()
+        scaler.unscale_(self.optimizer)
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        if cfg.clip_grad:
+            torch.nn.utils.clip_grads_with_norm_(params, cfg.clip_value, grad_norm)
+        loss_value, norm_value = torch.stack([total / len(batches), grad_norm.float()]).tolist()
+        if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
+            self.skipped += 1
+            if not scaler.is_enabled() or self.skipped >= MAX_SKIPPED_STEPS:
+                self.optimizer.zero_grad(set_to_none=True)
+                raise NonFiniteLoss(self.step, loss_value, norm_value)
+        else:
+            self.skipped = 0
+        set_lr(self.optimizer, self.schedule(self.step) * self.lr_factor)
+        scaler.step(self.optimizer)  # skips the update when fp16 gradients overflowed
+        self.precision.update_scaler()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.update(self.model)
+        self.step += 1
+        return loss_value, norm_value
+
+    def _no_sync(self, sync: bool) -> contextlib.AbstractContextManager:
+        """Under DDP, skip the gradient all-reduce on all but the last micro-batch of an accumulation."""
+        if not sync and hasattr(self.train_model, "no_sync"):
+            return self.train_model.no_sync()
+        return contextlib.nullcontext()
+
+    # -- epochs -----------------------------------------------------------------------------------------
+    def _batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The rest of this epoch's batches, read outside the model's RNG stream."""
+        loader = self.train_loader
+        loader.set_epoch(self.epoch, start_batch=(self.step % self.steps_per_epoch) * self.accum)
+        with torch.random.fork_rng(devices=[]):
+            it = iter(loader)
+        while True:
+            with torch.random.fork_rng(devices=[]):
+                try:
+                    batch = next(it)
+                except StopIteration:
+                    return
+            yield batch[0], batch[1]
+
+    def train_epoch(self) -> dict[str, float]:
+        """Steps until the end of the epoch (or max_steps); returns throughput figures."""
+        cfg, spe = self.cfg, self.steps_per_epoch
+        epoch, first = self.epoch, self.step % spe
+        stop = min(spe, self.last_step - epoch * spe)
+        if first == 0:
+            self.epoch_meter = {"loss_sum": 0.0, "steps": 0}
+        self.monitor.start_epoch(epoch, cfg.epoch_size, spe, first)
+        batches = self._batches()
+        images, wait, start = 0, 0.0, time.perf_counter()
+        for done in range(first + 1, stop + 1):
+            t0 = time.perf_counter()
+            micro = [next(batches) for _ in range(self.accum)]
+            wait += time.perf_counter() - t0
+            loss, grad_norm = self.train_step(micro)
+            self.epoch_meter["loss_sum"] += loss
+            self.epoch_meter["steps"] += 1
+            images += sum(len(b[1]) for b in micro) * self.world_size
+            elapsed = time.perf_counter() - start
+            lr = self.schedule(self.step - 1) * self.lr_factor
+            stats = {"loss": loss, "lr": lr, "images_per_s": images / elapsed, "data_wait": wait / elapsed}
+            self.monitor.update(done, stats, eta_s=elapsed / (done - first) * (stop - done))
+            if self.step % cfg.log_interval == 0:
+                self.monitor.log_step({"loss": loss, "lr": lr, "grad_norm": grad_norm}, self.step)
+        batches.close()
+        self.monitor.end_epoch()
+        elapsed = time.perf_counter() - start
+        return {"images_per_s": images / elapsed if elapsed else 0.0, "data_wait": wait / elapsed if elapsed else 0.0,
+                "epoch_time_s": elapsed}
+
+    def validate(self) -> dict[str, Any]:
+        """val_top1/top5/loss of the model (and of the EMA weights), by the same `evaluate` as `vitkit validate`."""
+        assert self.val_loader is not None
+        out: dict[str, Any] = {}
+        models = [("", self.model)] + ([("_ema", self.ema.module)] if self.ema else [])
+        for suffix, model in models:
+            with torch.random.fork_rng(devices=[]):
+                r = evaluate(model, self.val_loader, device=self.device, amp_dtype=self.precision.eval_dtype,
+                             num_classes=self.num_classes)
+            out.update({f"val_top1{suffix}": r["top1"], f"val_top5{suffix}": r["top5"], f"val_loss{suffix}": r["loss"]})
+        out["val_images"] = r["num_images"]
+        return out
+
+    def end_of_epoch(self, throughput: dict[str, float]) -> None:
+        cfg, epoch = self.cfg, self.epoch  # epochs completed, 1-based from here
+        last = epoch == cfg.epoch_size or self.step >= self.last_step
+        record: dict[str, Any] = {
+            "epoch": epoch, "step": self.step,
+            "train_loss": self.epoch_meter["loss_sum"] / max(1, self.epoch_meter["steps"]),
+            "lr": self.schedule(self.step - 1) * self.lr_factor,
+            "val_top1": None, "val_top5": None,
+            "images_per_s": throughput["images_per_s"], "data_wait": throughput["data_wait"],
+        }
+        if self.val_loader is not None and (epoch % cfg.val_interval == 0 or last):
+            record.update(self.validate())
+        stats = self.train_loader.stats() if hasattr(self.train_loader, "stats") else {}
+        if stats.get("bad_images"):
+            record["bad_images"] = stats["bad_images"]
+        self.last_metrics = {k: v for k, v in record.items() if v is not None}
+        self.monitor.log_epoch(record, self.step)
+        saved = None
+        if epoch % cfg.ckpt_save_interval == 0 or last:
+            saved = self.save(keep_epoch=True, val_top1=record["val_top1"])
+        self.monitor.print(self._summary(record, throughput, saved))
+
+    def _summary(self, r: dict[str, Any], throughput: dict[str, float], saved: Optional[Path]) -> str:
+        parts = [f"epoch {r['epoch']}/{self.cfg.epoch_size}", f"train loss {r['train_loss']:.4f}",
+                 f"lr {r['lr']:.3g}"]
+        if r.get("val_top1") is not None:
+            val = f"val top-1 {r['val_top1']:.2f}% top-5 {r['val_top5']:.2f}%"
+            if r.get("val_top1_ema") is not None:
+                val += f" (EMA top-1 {r['val_top1_ema']:.2f}%)"
+            parts.append(val)
+        parts.append(f"{r['images_per_s']:.0f} img/s, data wait {100 * r['data_wait']:.0f}%, "
+                     f"{format_duration(throughput['epoch_time_s'])}")
+        if r.get("bad_images"):
+            parts.append(f"{r['bad_images']} unreadable images replaced")
+        if saved is not None:
+            parts.append(f"saved {saved}")
+        return " | ".join(parts)
+
+    # -- the run ----------------------------------------------------------------------------------------
+    def _header(self) -> str:
+        cfg, n_train = self.cfg, getattr(self.train_loader, "num_images", None)
+        global_batch = cfg.batch_size * self.accum * self.world_size
+        lines = [
+            f"run dir     {self.run_dir}",
+            f"model       {cfg.model} ({count_params(self.model) / 1e6:.2f} M params, {self.num_classes} classes, "
+            f"{cfg.image_resize} px){' + EMA' if self.ema else ''}",
+            f"data        {cfg.data_dir} ({n_train} training images/epoch, {self.steps_per_epoch} steps of "
+            f"{global_batch} images{'' if self.accum == 1 else f' in {self.accum} micro-batches'})",
+            f"device      {self.device}, {self.precision.describe()}{', compiled' if cfg.compile else ''}",
+            f"optimizer   {cfg.opt}, lr {cfg.lr:g} ({cfg.scheduler}, {cfg.warmup_epochs:g} warmup epochs), "
+            f"weight decay {cfg.weight_decay:g} ({cfg.weight_decay_filter})",
+            f"schedule    {cfg.epoch_size} epochs = {self.total_steps} steps"
+            + (f"; stopping at step {self.last_step} (max_steps)" if self.last_step < self.total_steps else ""),
+        ]
+        return "\n".join(lines)
+
+    def write_run_records(self) -> None:
+        self.monitor.write_text("config.yaml", self.cfg.to_yaml())
+        self.monitor.write_json("run_info.json", run_info(self.device, self.argv))
+
+    def fit(self) -> dict[str, Any]:
+        """Train until epoch_size epochs (or max_steps); returns the last epoch's metrics."""
+        self.write_run_records()
+        self.monitor.print(self._header())
+        try:
+            while self.step < self.last_step:
+                try:
+                    throughput = self.train_epoch()
+                except NonFiniteLoss as e:
+                    self._on_divergence(e)
+                    continue
+                if self.step % self.steps_per_epoch == 0:
+                    self.end_of_epoch(throughput)
+                else:  # max_steps stopped mid-epoch: keep the position so --resume continues exactly here
+                    saved = self.save(keep_epoch=False)
+                    self.monitor.print(f"stopped at step {self.step} (max_steps); resume with --resume "
+                                       f"{saved or ''}".rstrip())
+        finally:
+            self.monitor.plot_curves()
+            self.monitor.close()
+        return self.last_metrics
+
+    def _on_divergence(self, e: NonFiniteLoss) -> None:
+        last = self.saver.last if self.saver.last.is_file() else None
+        where = f"the last good checkpoint is {last}" if last else "no checkpoint was saved yet"
+        if self.cfg.nan_policy == "rollback" and last is not None and self.rollbacks < MAX_ROLLBACKS:
+            rollbacks, factor = self.rollbacks + 1, ROLLBACK_LR_FACTOR
+            self.restore(last)
+            self.rollbacks, self.lr_factor = rollbacks, self.lr_factor * factor
+            self.monitor.print(f"warning: {e}; rolled back to {last} (step {self.step}) and continuing with "
+                               f"lr x{self.lr_factor:g} (rollback {rollbacks}/{MAX_ROLLBACKS})")
+            return
+        hint = ("" if self.cfg.nan_policy == "rollback" else "; or rerun with --nan_policy rollback")
+        raise VitkitError(f"training diverged: {e} (epoch {self.epoch + 1}); {where}. Resume from it with a lower "
+                          f"--lr (or --clip_grad){hint}")
+
+
+SMOKE_IMAGES, SMOKE_VAL_IMAGES, SMOKE_EPOCHS = 32, 32, 2
+
+
+def apply_smoke(cfg: Config) -> None:
+    """Shrink any recipe to a couple of short epochs on a few images, keeping the schedule's shape."""
+    if not cfg.smoke:
+        return
+    changes: dict[str, Any] = {
+        "batch_size": min(cfg.batch_size, 8),
+        "num_parallel_workers": 0,
+        "log_interval": 1,
+        "epoch_size": SMOKE_EPOCHS,
+        "warmup_epochs": cfg.warmup_epochs * SMOKE_EPOCHS / cfg.epoch_size,
+    }
+    if cfg.decay_epochs is not None:
+        changes["decay_epochs"] = cfg.decay_epochs * SMOKE_EPOCHS / cfg.epoch_size
+    changes["num_samples"] = max(SMOKE_IMAGES, 2 * changes["batch_size"] * cfg.gradient_accumulation_steps)
+    if cfg.num_samples:
+        changes["num_samples"] = min(cfg.num_samples, changes["num_samples"])
+    for key, value in changes.items():
+        setattr(cfg, key, value)
+        cfg.sources[key] = "smoke"

@@ -1,0 +1,138 @@
+"""Which checkpoints a run keeps, and the RNG part of the training state.
+
+Files in the run directory (`ckpt_save_dir`):
+  last.safetensors (+ last.state.pt)      the newest state, written at every save; `--resume true` reads it
+  <model>-e<epoch>.safetensors (+ .state.pt)  epoch checkpoints kept by the policy:
+                                          latest_k: the newest `keep_checkpoint_max`;
+                                          top_k: the `keep_checkpoint_max` best by validation top-1
+  best.safetensors (+ .state.pt)          the best validation top-1 so far
+  checkpoints.json                        the index: file, epoch, step, val_top1 of each kept checkpoint
+Epoch and best files are hard links to `last` (no second write; a later `last` replaces the name, not the
+data). Which epoch or step a file holds is read from its metadata, never parsed out of its name.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+
+from vitkit.engine.checkpoint import atomic_write, state_path
+
+LAST = "last.safetensors"
+BEST = "best.safetensors"
+INDEX = "checkpoints.json"
+
+
+def _place(src: Path, dst: Path) -> None:
+    """Make `dst` hold `src`'s bytes atomically: a hard link under a temporary name, then a rename."""
+    tmp = dst.with_name(f".{dst.name}.link")
+    if tmp.exists():
+        tmp.unlink()
+    try:
+        os.link(src, tmp)
+    except OSError:  # file systems without hard links
+        shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+
+
+def _place_pair(src: Path, dst: Path) -> None:
+    if state_path(src).exists():
+        _place(state_path(src), state_path(dst))
+    _place(src, dst)  # weights last: their presence means the pair is complete
+
+
+def _remove_pair(path: Path) -> None:
+    for p in (state_path(path), path):
+        if p.exists():
+            p.unlink()
+
+
+class CheckpointSaver:
+    """Writes `last`, and keeps epoch and best checkpoints by policy."""
+
+    def __init__(self, run_dir: str | Path, *, model_name: str, policy: str = "latest_k", keep_max: int = 10):
+        self.run_dir = Path(run_dir)
+        self.model_name, self.policy, self.keep_max = model_name, policy, keep_max
+        index = self._read_index()
+        self.entries: list[dict[str, Any]] = index.get("checkpoints", [])
+        self.best_top1: Optional[float] = index.get("best_top1")
+
+    def _read_index(self) -> dict[str, Any]:
+        path = self.run_dir / INDEX
+        if not path.is_file():
+            return {}
+        try:
+            return json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            return {}
+
+    def _write_index(self) -> None:
+        data = {"policy": self.policy, "keep_checkpoint_max": self.keep_max, "best_top1": self.best_top1,
+                "checkpoints": self.entries}
+        atomic_write(self.run_dir / INDEX, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=1)))
+
+    @property
+    def last(self) -> Path:
+        return self.run_dir / LAST
+
+    def forget_after(self, step: int) -> None:
+        """Resuming from `step`: entries of a later (abandoned) continuation no longer describe this run."""
+        self.entries = [e for e in self.entries if e["step"] <= step]
+
+    def save(self, write: Callable[[Path], None], *, epoch: int, step: int, val_top1: Optional[float],
+             keep_epoch: bool) -> Path:
+        """`write(path)` writes a checkpoint pair atomically; this calls it for `last`, then links the epoch
+        and best files. Returns the path of `last`."""
+        write(self.last)
+        if keep_epoch:
+            name = f"{self.model_name}-e{epoch:04d}.safetensors"
+            _place_pair(self.last, self.run_dir / name)
+            self.entries = [e for e in self.entries if e["file"] != name]
+            self.entries.append({"file": name, "epoch": epoch, "step": step, "val_top1": val_top1})
+            self._prune()
+        if val_top1 is not None and (self.best_top1 is None or val_top1 > self.best_top1):
+            self.best_top1 = val_top1
+            _place_pair(self.last, self.run_dir / BEST)
+        self._write_index()
+        return self.last
+
+    def _prune(self) -> None:
+        if self.policy == "top_k":
+            ranked = sorted(self.entries, key=lambda e: (e["val_top1"] if e["val_top1"] is not None else -1.0,
+                                                         e["step"]), reverse=True)
+        else:
+            ranked = sorted(self.entries, key=lambda e: e["step"], reverse=True)
+        keep, drop = ranked[: self.keep_max], ranked[self.keep_max:]
+        for e in drop:
+            _remove_pair(self.run_dir / e["file"])
+        self.entries = sorted(keep, key=lambda e: e["step"])
+
+
+# -- RNG state as plain values and tensors (loadable with torch.load(weights_only=True)) -----------------------
+
+def rng_state() -> dict[str, Any]:
+    version, mt, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "python": {"version": version, "state": torch.tensor(mt, dtype=torch.int64), "gauss": gauss},
+        "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached": float(cached)},
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    py = state["python"]
+    random.setstate((py["version"], tuple(int(v) for v in py["state"].tolist()), py["gauss"]))
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
