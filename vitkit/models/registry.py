@@ -134,13 +134,22 @@ def create_model(
     With pretrained weights, a different `num_classes` gets a fresh head and a different `img_size` a
     resampled position embedding; anything else that does not fit is an error naming the key.
     """
+    weights = None
+    if pretrained:
+        from vitkit.weights import load_weights
+
+        weights = load_weights(pretrained, model_name=name)
+        arch = dict(weights.arch)  # the source's numerics and head size; the caller's own arguments win
+        source_classes = arch.pop("num_classes", None)
+        num_classes = source_classes if num_classes is None else num_classes
+        overrides = {**arch, **overrides}
     cfg = build_config(name, num_classes=num_classes, img_size=img_size, **overrides)
     model = VisionTransformer(cfg)
     model.model_name = name  # type: ignore[attr-defined]
-    if pretrained:
-        from vitkit.weights import load_pretrained
+    if weights is not None:
+        from vitkit.weights import fit_weights
 
-        load_pretrained(model, name, pretrained)
+        fit_weights(model, weights)
     return model
 
 

@@ -1,0 +1,232 @@
+"""Pretrained weights from every source, fitted exactly to vitkit's VisionTransformer.
+
+    weights = load_weights("timm/vit_base_patch32_224.augreg_in21k_ft_in1k")   # or a file, folder, URL, True
+    model = create_model("vit_b_32_224", pretrained=weights)                    # or pretrained=<any of those>
+
+`load_weights` resolves `pretrained` (True = the name's default published source, a source tag of the name
+such as "tv_in1k", a local file or folder, an http(s)/file URL, or a hub id), detects the format and returns
+the tensors under our names with the architecture the source implies (`arch`, e.g. MindSpore's LayerNorm eps
+1e-7 and tanh GELU) and the preprocessing it states (`data`). `create_model` builds the architecture with
+those overrides (the caller's own arguments win) and `fit_weights` loads the tensors: a different number of
+classes gets a fresh head, a different input size a resampled position embedding, unexpected keys are
+reported, and anything else that does not fit (a missing tensor, a shape mismatch) is a WeightsError naming
+the key. Nothing ever falls back to random weights silently.
+"""
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vitkit.data.preprocess import DataConfig
+from vitkit.errors import WeightsError
+from vitkit.models.vit import VisionTransformer, resample_pos_embed
+from vitkit.weights.download import download_url, hub_download
+from vitkit.weights.formats import Converted, read_file, read_folder
+from vitkit.weights.sources import WeightSource, find_source, sources_for
+
+log = logging.getLogger("vitkit.weights")
+
+_URL = re.compile(r"(https?|file)://.+")
+_HUB_ID = re.compile(r"(?:hf-hub:|hf_hub:)?([A-Za-z0-9][\w.-]*/[\w.-]+)(?:@([\w./-]+))?")
+_WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".npz", ".ckpt", ".tar")
+
+
+@dataclass
+class PretrainedWeights:
+    """Weights under vitkit's names plus what their source says about the model and its preprocessing."""
+
+    state_dict: dict[str, torch.Tensor]
+    format: str
+    origin: str  # the file, URL or hub id they came from
+    arch: dict[str, Any] = field(default_factory=dict)
+    data: dict[str, Any] = field(default_factory=dict)
+    class_names: list[str] | None = None
+    notes: list[str] = field(default_factory=list)
+    source: WeightSource | None = None  # the sources-table entry, when resolved from one
+
+    def data_config(self, spec: Any, img_size: int | None = None) -> DataConfig:
+        """Eval preprocessing: the source's statements over the model's registered defaults (`ModelSpec`)."""
+        return DataConfig(
+            input_size=int(img_size or spec.arch.img_size),
+            mean=tuple(self.data.get("mean", spec.mean)),  # type: ignore[arg-type]
+            std=tuple(self.data.get("std", spec.std)),  # type: ignore[arg-type]
+            interpolation=str(self.data.get("interpolation", spec.interpolation)),
+            crop_pct=float(self.data.get("crop_pct", spec.crop_pct)),
+        )
+
+
+@dataclass
+class FitReport:
+    """What `fit_weights` did; `summary()` is the one-paragraph account that is logged."""
+
+    loaded: int
+    total: int
+    head_reset: str | None = None
+    resampled: str | None = None
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        parts = [f"loaded {self.loaded}/{self.total} tensors"]
+        if self.head_reset:
+            parts.append(self.head_reset)
+        if self.resampled:
+            parts.append(self.resampled)
+        if self.missing:
+            parts.append(f"missing (left at init): {_short(self.missing)}")
+        if self.unexpected:
+            parts.append(f"unexpected (ignored): {_short(self.unexpected)}")
+        return "; ".join(parts)
+
+
+def _short(keys: list[str], n: int = 6) -> str:
+    return ", ".join(keys[:n]) + (f" ... (+{len(keys) - n} more)" if len(keys) > n else "")
+
+
+def _from_converted(conv: Converted, origin: str, source: WeightSource | None = None) -> PretrainedWeights:
+    data = {**(source.data_hints() if source else {}), **conv.data}
+    return PretrainedWeights(conv.state_dict, conv.format, origin, conv.arch, data, conv.class_names, conv.notes,
+                             source)
+
+
+def _read_local(path: Path) -> Converted:
+    return read_folder(path) if path.is_dir() else read_file(path)
+
+
+def _read_hub(repo_id: str, revision: str | None) -> Converted:
+    """A hub repo: a transformers ViT or a timm model (config.json + weights), or a bare weights file."""
+    config = hub_download(repo_id, "config.json", revision=revision, required=False)
+    weights = None
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        weights = hub_download(repo_id, name, revision=revision, required=False)
+        if weights is not None:
+            break
+    if weights is None:
+        raise WeightsError(f"hub repo {repo_id} has neither model.safetensors nor pytorch_model.bin")
+    if config is None:
+        return read_file(weights)
+    try:  # optional; transformers' eval preprocessing
+        hub_download(repo_id, "preprocessor_config.json", revision=revision, required=False)
+    except WeightsError:
+        pass
+    return read_folder(weights.parent)
+
+
+def _load_source(source: WeightSource) -> PretrainedWeights:
+    if _URL.fullmatch(source.location):
+        conv = read_file(download_url(source.location, sha256=source.sha256))
+    else:
+        conv = _read_hub(source.location, None)
+    return _from_converted(conv, source.location, source)
+
+
+def load_weights(pretrained: bool | str | Path | PretrainedWeights, *,
+                 model_name: str | None = None) -> PretrainedWeights:
+    """Resolve and read `pretrained` (see the module docstring); every failure is a WeightsError."""
+    if isinstance(pretrained, PretrainedWeights):
+        return pretrained
+    if pretrained is True:
+        source = find_source(model_name) if model_name else None
+        if source is None:
+            raise WeightsError(f"no published weights are known for {model_name!r}; pass a file, folder, URL or "
+                               f"hub id as pretrained=")
+        return _load_source(source)
+    if not isinstance(pretrained, (str, Path)) or not str(pretrained):
+        raise WeightsError(f"pretrained must be True, a path, a URL or a hub id, not {pretrained!r}")
+    text = str(pretrained)
+    if model_name and (source := find_source(model_name, text)) is not None:
+        return _load_source(source)
+    path = Path(text).expanduser()
+    if path.exists():
+        return _from_converted(_read_local(path), str(path))
+    if _URL.fullmatch(text):
+        return _from_converted(read_file(download_url(text)), text)
+    hub = _HUB_ID.fullmatch(text)
+    if hub and not text.endswith(_WEIGHT_SUFFIXES):
+        return _from_converted(_read_hub(hub.group(1), hub.group(2)), text)
+    tags = [s.tag for s in sources_for(model_name)] if model_name else []
+    hint = f" Known sources of {model_name}: {', '.join(tags)}." if tags else ""
+    raise WeightsError(f"pretrained={text!r}: no such file or folder, and not a URL or hub id.{hint}")
+
+
+def fit_weights(model: VisionTransformer, weights: PretrainedWeights, *, allow_missing: bool = False) -> FitReport:
+    """Load `weights` into `model` in place: head reset / pos-embed resampling as needed, errors otherwise."""
+    target = model.state_dict()
+    sd = dict(weights.state_dict)
+    report = FitReport(loaded=0, total=len(target))
+    name = getattr(model, "model_name", type(model).__name__)
+
+    has_head = isinstance(model.head, torch.nn.Linear)
+    src_head = sd.get("head.weight")
+    if not has_head or src_head is None or src_head.shape != target["head.weight"].shape:
+        src_classes = 0 if src_head is None else src_head.shape[0]
+        sd = {k: v for k, v in sd.items() if not k.startswith("head.")}
+        if has_head:
+            model.reset_classifier(model.num_classes)
+            report.head_reset = f"head reset: weights have {src_classes} classes, model {model.num_classes} (fresh init)"
+        elif src_classes:
+            report.head_reset = f"head dropped: weights have {src_classes} classes, model has no head"
+
+    if "pos_embed" in sd and sd["pos_embed"].shape != target["pos_embed"].shape:
+        old, new = sd["pos_embed"], target["pos_embed"]
+        prefix = model.num_prefix_tokens
+        if old.ndim != 3 or old.shape[-1] != new.shape[-1]:
+            raise WeightsError(f"pos_embed: weights have shape {tuple(old.shape)}, {name} expects {tuple(new.shape)}")
+        try:
+            grid = model.cfg.grid_size
+            sd["pos_embed"] = resample_pos_embed(old.float(), (grid, grid), prefix)
+        except ValueError as e:
+            raise WeightsError(f"pos_embed: cannot resample {tuple(old.shape)} to {tuple(new.shape)} ({e})") from None
+        report.resampled = f"pos_embed resampled {old.shape[1] - prefix} -> {grid * grid} patches (bicubic)"
+
+    for key in sorted(sd.keys() & target.keys()):
+        if sd[key].shape != target[key].shape:
+            raise WeightsError(f"{key}: weights have shape {tuple(sd[key].shape)}, {name} expects "
+                               f"{tuple(target[key].shape)} (wrong model for these weights?)")
+    report.missing = sorted(target.keys() - sd.keys() - ({"head.weight", "head.bias"} if report.head_reset else set()))
+    report.unexpected = sorted(sd.keys() - target.keys())
+    common = sd.keys() & target.keys()
+    if not common:
+        raise WeightsError(f"none of the {len(sd)} tensors in {weights.origin} belong to {name}")
+    if report.missing and not allow_missing:
+        raise WeightsError(f"{weights.origin} lacks {len(report.missing)} tensors of {name}: "
+                           f"{_short(report.missing)} (wrong model or a partial checkpoint?)")
+    model.load_state_dict({k: sd[k] for k in common}, strict=False)
+    report.loaded = len(common)
+
+    for note in weights.notes:
+        log.info("%s: %s", weights.origin, note)
+    message = f"{weights.origin} ({weights.format}) -> {name}: {report.summary()}"
+    (log.warning if report.missing or report.unexpected or report.head_reset else log.info)(message)
+    model.pretrained_cfg = {  # type: ignore[attr-defined]
+        "origin": weights.origin, "format": weights.format, "tag": weights.source.tag if weights.source else None,
+        "data": dict(weights.data), "class_names": weights.class_names, "report": report.summary(),
+    }
+    return report
+
+
+def load_pretrained(model: VisionTransformer, name: str | None, pretrained: bool | str | Path | PretrainedWeights,
+                    *, allow_missing: bool = False) -> FitReport:
+    """Load weights into an already-built model, whose architecture must already match what they imply.
+
+    A model built with other numerics than the source's (MindCV's LayerNorm eps and tanh GELU, a different
+    head count) would give wrong outputs, so that is an error; `create_model(name, pretrained=...)` builds
+    the right architecture by itself.
+    """
+    weights = load_weights(pretrained, model_name=name)
+    have = model.cfg.to_dict()
+    wrong = {k: v for k, v in weights.arch.items() if k != "num_classes" and k in have and have[k] != v}
+    if wrong:
+        diffs = ", ".join(f"{k}={v!r} (model has {have[k]!r})" for k, v in sorted(wrong.items()))
+        raise WeightsError(f"{weights.origin} implies {diffs}; build the model with create_model(name, "
+                           f"pretrained=...) or with those arguments")
+    return fit_weights(model, weights, allow_missing=allow_missing)
+
+
+__all__ = ["PretrainedWeights", "FitReport", "load_weights", "fit_weights", "load_pretrained", "sources_for",
+           "WeightSource"]

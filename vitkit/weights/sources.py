@@ -1,13 +1,195 @@
-"""Published pretrained weights for registered names. (Placeholder table: filled in by the weights work.)"""
+"""Published pretrained weights for each registered name; the first source of a name is its default.
+
+Every fact here was read from the publisher's own code or documentation:
+  - timm: `default_cfgs` in timm/models/vision_transformer.py (timm 1.0.31). timm's `_cfg` defaults: 1000 classes,
+    crop_pct 0.9 (1.0 at 384 px), bicubic, mean = std = (0.5, 0.5, 0.5). timm publishes top-1 in its results
+    CSVs, which were not checked here, so timm entries carry no top-1.
+  - Google .npz: the `url` of the same timm cfgs (storage.googleapis.com/vit_models/augreg/...).
+  - torchvision: `ViT_*_Weights` in torchvision/models/vision_transformer.py (0.29.1): URL, acc@1, eval
+    transform (ImageClassification: resize 256 -> crop 224 bilinear unless stated; crop_pct = crop / resize).
+  - MindCV: mindspore-lab/mindcv configs/vit/README.md (URLs, top-1), mindcv/models/vit.py history (URLs of the
+    earlier layouts), configs/vit/vit_b32_224_ascend.yaml (bicubic) and MindCV's defaults (crop_pct 0.875,
+    ImageNet mean/std); the 910v2 file from its MindSpore Hub card (top-1 77.53, "asset-sha256: a2165e72").
+Entries with `verified=False` are published but their layout was mapped from source code only (no file of
+that layout was loaded); see `note`.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+INCEPTION_MEAN = INCEPTION_STD = (0.5, 0.5, 0.5)
+
 
 @dataclass(frozen=True)
 class WeightSource:
-    tag: str
+    """One set of published weights for a registered name, with the eval preprocessing it was made for."""
+
+    tag: str  # unique per name; `pretrained="<tag>"` selects it
+    location: str  # hub id (owner/repo) or URL
+    format: str  # timm | torchvision | jax | mindcv
+    num_classes: int = 1000
+    img_size: int = 224
+    mean: tuple[float, float, float] = INCEPTION_MEAN
+    std: tuple[float, float, float] = INCEPTION_STD
+    crop_pct: float = 0.9
+    interpolation: str = "bicubic"
+    top1: float | None = None  # ImageNet-1k val top-1 (%) as published by the source
+    sha256: str | None = None  # digest or prefix to check the download against (beside the file-name prefix)
+    verified: bool = True
+    note: str = ""
+
+    def data_hints(self) -> dict[str, object]:
+        return {"mean": self.mean, "std": self.std, "crop_pct": self.crop_pct,
+                "interpolation": self.interpolation, "input_size": self.img_size}
+
+
+_GCS = "https://storage.googleapis.com/vit_models/augreg/"
+_TV = "https://download.pytorch.org/models/"
+_MS = "https://download.mindspore.cn/toolkits/mindcv/vit/"
+
+
+def _timm(model: str, tag: str, *, num_classes: int = 1000, img: int = 224, npz: str = "") -> list[WeightSource]:
+    """A timm hub source, and Google's original .npz of the same weights when timm lists its URL."""
+    crop = 1.0 if img >= 384 else 0.9
+    out = [WeightSource(tag, f"timm/{model}.{tag}", "timm", num_classes, img, crop_pct=crop)]
+    if npz:
+        out.append(WeightSource(f"{tag}_npz", _GCS + npz, "jax", num_classes, img, crop_pct=crop))
+    return out
+
+
+def _tv(tag: str, file: str, top1: float, *, img: int = 224, resize: int = 256, swag: bool = False) -> WeightSource:
+    return WeightSource(tag, _TV + file, "torchvision", 1000, img, IMAGENET_MEAN, IMAGENET_STD,
+                        crop_pct=img / resize if not swag else 1.0,
+                        interpolation="bicubic" if swag else "bilinear", top1=top1)
+
+
+def _mindcv(tag: str, url: str, top1: float | None, *, verified: bool = True, note: str = "") -> WeightSource:
+    return WeightSource(tag, url, "mindcv", 1000, 224, IMAGENET_MEAN, IMAGENET_STD, crop_pct=0.875,
+                        interpolation="bicubic", top1=top1, verified=verified, note=note)
+
+
+_I21K_FT = "-i21k-300ep-lr_0.001-aug_{aug}-wd_{wd}-do_{do}-sd_{do}--imagenet2012-steps_20k-lr_{lr}-res_{img}.npz"
+_I1K = "-i1k-300ep-lr_0.001-aug_{aug}-wd_0.1-do_{do}-sd_{do}--imagenet2012-steps_20k-lr_0.01-res_{img}.npz"
+_I21K = "-i21k-300ep-lr_0.001-aug_{aug}-wd_{wd}-do_{do}-sd_{do}.npz"
+_V1 = "first MindCV layout (backbone.transformer.layers...), mapped from mindcv/models/vit.py; not loaded here"
+_V2 = "2023 MindCV layout (head.classifier), mapped from mindcv/models/vit.py; not loaded here"
+
+SOURCES: dict[str, list[WeightSource]] = {
+    "vit_b_16_224": [
+        *_timm("vit_base_patch16_224", "augreg2_in21k_ft_in1k"),
+        *_timm("vit_base_patch16_224", "augreg_in21k_ft_in1k",
+               npz="B_16" + _I21K_FT.format(aug="medium1", wd="0.1", do="0.0", lr="0.01", img=224)),
+        *_timm("vit_base_patch16_224", "augreg_in1k", npz="B_16" + _I1K.format(aug="strong2", do="0.1", img=224)),
+        *_timm("vit_base_patch16_224", "orig_in21k_ft_in1k"),
+        *_timm("vit_base_patch16_224", "augreg_in21k", num_classes=21843,
+               npz="B_16" + _I21K.format(aug="medium1", wd="0.1", do="0.0")),
+        *_timm("vit_base_patch16_224", "orig_in21k", num_classes=0),
+        _tv("tv_in1k", "vit_b_16-c867db91.pth", 81.072),
+        _tv("tv_swag_lc", "vit_b_16_lc_swag-4e70ced5.pth", 81.886, swag=True),
+    ],
+    "vit_b_16_384": [
+        *_timm("vit_base_patch16_384", "augreg_in21k_ft_in1k", img=384,
+               npz="B_16" + _I21K_FT.format(aug="medium1", wd="0.1", do="0.0", lr="0.01", img=384)),
+        *_timm("vit_base_patch16_384", "augreg_in1k", img=384,
+               npz="B_16" + _I1K.format(aug="strong2", do="0.1", img=384)),
+        *_timm("vit_base_patch16_384", "orig_in21k_ft_in1k", img=384),
+        _tv("tv_swag", "vit_b_16_swag-9ac1b537.pth", 85.304, img=384, swag=True),
+    ],
+    "vit_b_32_224": [
+        *_timm("vit_base_patch32_224", "augreg_in21k_ft_in1k",
+               npz="B_32" + _I21K_FT.format(aug="medium1", wd="0.03", do="0.0", lr="0.03", img=224)),
+        *_timm("vit_base_patch32_224", "augreg_in1k", npz="B_32" + _I1K.format(aug="medium2", do="0.1", img=224)),
+        *_timm("vit_base_patch32_224", "sam_in1k"),
+        *_timm("vit_base_patch32_224", "augreg_in21k", num_classes=21843,
+               npz="B_32" + _I21K.format(aug="medium1", wd="0.03", do="0.0")),
+        *_timm("vit_base_patch32_224", "orig_in21k", num_classes=0),
+        _tv("tv_in1k", "vit_b_32-d86f8d99.pth", 75.912),
+        _mindcv("mindcv_in1k", _MS + "vit_b_32_224-4a1c9d8e.ckpt", 77.45),
+        _mindcv("mindcv_910v2", "https://download-mindspore.osinfra.cn/toolkits/mindcv/vit/"
+                                "vit_b_32_224-a2165e72-910v2.ckpt", 77.53),
+        _mindcv("mindcv_v2", _MS + "vit_b_32_224-f50866e8.ckpt", None, verified=False, note=_V2),
+        _mindcv("mindcv_v1", _MS + "vit_b_32_224-7553218f.ckpt", None, verified=False, note=_V1),
+    ],
+    "vit_b_32_384": [
+        *_timm("vit_base_patch32_384", "augreg_in21k_ft_in1k", img=384,
+               npz="B_32" + _I21K_FT.format(aug="light1", wd="0.1", do="0.0", lr="0.03", img=384)),
+        *_timm("vit_base_patch32_384", "augreg_in1k", img=384,
+               npz="B_32" + _I1K.format(aug="medium2", do="0.1", img=384)),
+    ],
+    "vit_l_16_224": [
+        *_timm("vit_large_patch16_224", "augreg_in21k_ft_in1k",
+               npz="L_16" + _I21K_FT.format(aug="medium1", wd="0.1", do="0.1", lr="0.01", img=224)),
+        *_timm("vit_large_patch16_224", "augreg_in21k", num_classes=21843,
+               npz="L_16" + _I21K.format(aug="medium1", wd="0.1", do="0.1")),
+        *_timm("vit_large_patch16_224", "orig_in21k", num_classes=0),
+        _tv("tv_in1k", "vit_l_16-852ce7e3.pth", 79.662, resize=242),
+        _tv("tv_swag_lc", "vit_l_16_lc_swag-4d563306.pth", 85.146, swag=True),
+        _mindcv("mindcv_in1k", _MS + "vit_l_16_224-d2635f8b.ckpt", 81.25),
+        _mindcv("mindcv_v2", _MS + "vit_l_16_224-97d0fdbc.ckpt", None, verified=False, note=_V2),
+        _mindcv("mindcv_v1", _MS + "vit_l_16_224-f02b2487.ckpt", None, verified=False, note=_V1),
+    ],
+    "vit_l_16_384": [
+        *_timm("vit_large_patch16_384", "augreg_in21k_ft_in1k", img=384,
+               npz="L_16" + _I21K_FT.format(aug="medium1", wd="0.1", do="0.1", lr="0.01", img=384)),
+    ],
+    "vit_l_32_224": [
+        _tv("tv_in1k", "vit_l_32-c7638314.pth", 76.972),
+        _mindcv("mindcv_in1k", _MS + "vit_l_32_224-8c8ea164.ckpt", 74.57),
+        *_timm("vit_large_patch32_224", "orig_in21k", num_classes=0),
+        _mindcv("mindcv_v2", _MS + "vit_l_32_224-b80441df.ckpt", None, verified=False, note=_V2),
+        _mindcv("mindcv_v1", _MS + "vit_l_32_224-3a961018.ckpt", None, verified=False, note=_V1),
+    ],
+    "vit_l_32_384": [*_timm("vit_large_patch32_384", "orig_in21k_ft_in1k", img=384)],
+    "vit_h_14_224": [
+        _tv("tv_swag_lc", "vit_h_14_lc_swag-c1eb923e.pth", 85.708, swag=True),
+        *_timm("vit_huge_patch14_224", "orig_in21k", num_classes=0),
+    ],
+    "vit_ti_16_224": [
+        *_timm("vit_tiny_patch16_224", "augreg_in21k_ft_in1k",
+               npz="Ti_16" + _I21K_FT.format(aug="none", wd="0.03", do="0.0", lr="0.03", img=224)),
+        *_timm("vit_tiny_patch16_224", "augreg_in21k", num_classes=21843,
+               npz="Ti_16" + _I21K.format(aug="none", wd="0.03", do="0.0")),
+    ],
+    "vit_ti_16_384": [
+        *_timm("vit_tiny_patch16_384", "augreg_in21k_ft_in1k", img=384,
+               npz="Ti_16" + _I21K_FT.format(aug="none", wd="0.03", do="0.0", lr="0.03", img=384)),
+    ],
+    "vit_s_16_224": [
+        *_timm("vit_small_patch16_224", "augreg_in21k_ft_in1k",
+               npz="S_16" + _I21K_FT.format(aug="light1", wd="0.03", do="0.0", lr="0.03", img=224)),
+        *_timm("vit_small_patch16_224", "augreg_in1k", npz="S_16" + _I1K.format(aug="medium2", do="0.0", img=224)),
+        *_timm("vit_small_patch16_224", "augreg_in21k", num_classes=21843,
+               npz="S_16" + _I21K.format(aug="light1", wd="0.03", do="0.0")),
+    ],
+    "vit_s_16_384": [
+        *_timm("vit_small_patch16_384", "augreg_in21k_ft_in1k", img=384,
+               npz="S_16" + _I21K_FT.format(aug="light1", wd="0.03", do="0.0", lr="0.03", img=384)),
+        *_timm("vit_small_patch16_384", "augreg_in1k", img=384,
+               npz="S_16" + _I1K.format(aug="medium2", do="0.0", img=384)),
+    ],
+    "vit_s_32_224": [
+        *_timm("vit_small_patch32_224", "augreg_in21k_ft_in1k",
+               npz="S_32" + _I21K_FT.format(aug="light1", wd="0.03", do="0.0", lr="0.03", img=224)),
+        *_timm("vit_small_patch32_224", "augreg_in21k", num_classes=21843,
+               npz="S_32" + _I21K.format(aug="light1", wd="0.03", do="0.0")),
+    ],
+    "vit_s_32_384": [
+        *_timm("vit_small_patch32_384", "augreg_in21k_ft_in1k", img=384,
+               npz="S_32" + _I21K_FT.format(aug="light1", wd="0.03", do="0.0", lr="0.03", img=384)),
+    ],
+}
 
 
 def sources_for(name: str) -> list[WeightSource]:
-    return []
+    """Published weights for a registered name (default first); empty for names nobody has published."""
+    return list(SOURCES.get(name, []))
+
+
+def find_source(name: str, tag: str | None = None) -> WeightSource | None:
+    """The default source of `name` (tag None) or the one with that tag; None if there is none."""
+    sources = sources_for(name)
+    if tag is None:
+        return sources[0] if sources else None
+    return next((s for s in sources if s.tag == tag), None)

@@ -1,0 +1,463 @@
+"""Every published ViT weight format -> a state dict under vitkit's (= timm's) parameter names.
+
+Each reader returns a `Converted`: the tensors renamed to our keys, the architecture the source implies
+(`arch`: e.g. MindSpore's LayerNorm eps 1e-7 and tanh GELU, Hugging Face's eps 1e-12), the preprocessing it
+states (`data`: mean/std/crop_pct/interpolation/input_size) and notes on what was dropped. Keys that have no
+counterpart in our model keep their source names, so fitting reports them as unexpected instead of losing
+them silently.
+
+Formats:
+  vitkit       our own safetensors checkpoint (vitkit.engine.checkpoint), with its arch and preprocessing
+  timm         timm state dicts (.safetensors/.pth/.bin), or a timm hub folder (config.json + weights)
+  torchvision  torchvision.models.vit_* state dicts (class_token, conv_proj, encoder.layers.encoder_layer_N)
+  transformers Hugging Face ViTModel / ViTForImageClassification (folder with config.json + weights)
+  jax          Google's .npz (original ViT, AugReg, big_vision), laid out as timm's `_load_weights` reads it
+  mindcv       MindSpore .ckpt files of MindCV's ViT (all three layouts MindCV has published, see below)
+Untrusted pickles are never executed: `.pth`/`.bin` go through `torch.load(weights_only=True)` only.
+"""
+from __future__ import annotations
+
+import json
+import re
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+
+from vitkit.errors import WeightsError
+
+# ViTConfig fields a source may decide (numerics and structure flags). Sizes (embed_dim, depth, patch_size)
+# are never taken from a source: the model name decides them and a mismatch is an error naming the key.
+ARCH_FIELDS = ("num_classes", "num_heads", "qkv_bias", "qk_norm", "init_values", "class_token", "global_pool",
+               "fc_norm", "pre_norm", "norm_eps", "act")
+
+# MindSpore defaults that MindCV's ViT inherits: nn.LayerNorm(epsilon=1e-7) and nn.GELU(approximate=True),
+# i.e. the tanh approximation (tests/data/mindcv_vit_tiny.json, numerics_notes).
+MINDCV_ARCH = {"norm_eps": 1e-7, "act": "gelu_tanh"}
+# Google's ViT / AugReg / big_vision models take inputs scaled to [-1, 1] (timm: IMAGENET_INCEPTION_MEAN/STD).
+JAX_DATA = {"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)}
+
+
+@dataclass
+class Converted:
+    """Weights in our key names plus what the source says about the model and its preprocessing."""
+
+    state_dict: dict[str, torch.Tensor]
+    format: str
+    arch: dict[str, Any] = field(default_factory=dict)
+    data: dict[str, Any] = field(default_factory=dict)
+    class_names: list[str] | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+# -- generic helpers ------------------------------------------------------------------------------------------
+
+def _rename(sd: Mapping[str, torch.Tensor], rules: list[tuple[str, str]]) -> dict[str, torch.Tensor]:
+    """Apply the first matching (regex, replacement) rule to each key; keys no rule matches keep their name."""
+    compiled = [(re.compile(p), r) for p, r in rules]
+    out = {}
+    for key, value in sd.items():
+        for pattern, repl in compiled:
+            if pattern.fullmatch(key):
+                key = pattern.sub(repl, key)
+                break
+        out[key] = value
+    return out
+
+
+def infer_arch(sd: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+    """Structure flags readable from timm-named keys (class token, pooling norms, qkv bias, head size...)."""
+    arch: dict[str, Any] = {"num_classes": int(sd["head.weight"].shape[0]) if "head.weight" in sd else 0}
+    arch["class_token"] = "cls_token" in sd
+    if "fc_norm.weight" in sd:
+        arch["global_pool"] = "avg"  # timm: fc_norm exists exactly when pooling by average
+    elif not arch["class_token"]:
+        arch["global_pool"], arch["fc_norm"] = "avg", False  # big_vision 'gap': final norm, then mean
+    if "blocks.0.attn.qkv.weight" in sd:
+        arch["qkv_bias"] = "blocks.0.attn.qkv.bias" in sd
+    arch["qk_norm"] = "blocks.0.attn.q_norm.weight" in sd
+    arch["pre_norm"] = "norm_pre.weight" in sd
+    if "blocks.0.ls1.gamma" in sd:
+        arch["init_values"] = 1e-5  # only switches layer scale on; the loaded gammas replace the init value
+    return arch
+
+
+def _strip_prefixes(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop wrappers' prefixes: DistributedDataParallel's 'module.', torch.compile's '_orig_mod.'."""
+    for prefix in ("module.", "_orig_mod."):
+        if sd and all(k.startswith(prefix) for k in sd):
+            sd = {k[len(prefix):]: v for k, v in sd.items()}
+    return sd
+
+
+def _unwrap(obj: Any, path: Path) -> dict[str, torch.Tensor]:
+    """The tensor dict inside a training checkpoint ({'state_dict': ...}, {'model': ...}, ...)."""
+    for key in ("state_dict", "model", "model_state", "module", "net"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
+    if not isinstance(obj, dict):
+        raise WeightsError(f"{path} holds a {type(obj).__name__}, not a state dict of tensors")
+    tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    if not tensors:
+        raise WeightsError(f"{path} has no tensors at the top level or under 'state_dict'/'model'")
+    return _strip_prefixes(tensors)
+
+
+# -- torchvision ---------------------------------------------------------------------------------------------
+
+_TORCHVISION_RULES = [
+    (r"class_token", "cls_token"),
+    (r"conv_proj\.(weight|bias)", r"patch_embed.proj.\1"),
+    (r"encoder\.pos_embedding", "pos_embed"),
+    (r"encoder\.layers\.encoder_layer_(\d+)\.ln_1\.(weight|bias)", r"blocks.\1.norm1.\2"),
+    (r"encoder\.layers\.encoder_layer_(\d+)\.self_attention\.in_proj_(weight|bias)", r"blocks.\1.attn.qkv.\2"),
+    (r"encoder\.layers\.encoder_layer_(\d+)\.self_attention\.out_proj\.(weight|bias)", r"blocks.\1.attn.proj.\2"),
+    (r"encoder\.layers\.encoder_layer_(\d+)\.ln_2\.(weight|bias)", r"blocks.\1.norm2.\2"),
+    # torchvision renamed linear_1/linear_2 to mlp.0/mlp.3 (MLPBlock._load_from_state_dict, version 2)
+    (r"encoder\.layers\.encoder_layer_(\d+)\.mlp\.(?:0|linear_1)\.(weight|bias)", r"blocks.\1.mlp.fc1.\2"),
+    (r"encoder\.layers\.encoder_layer_(\d+)\.mlp\.(?:3|linear_2)\.(weight|bias)", r"blocks.\1.mlp.fc2.\2"),
+    (r"encoder\.ln\.(weight|bias)", r"norm.\1"),
+    (r"heads\.head\.(weight|bias)", r"head.\1"),
+]
+
+
+def from_torchvision(sd: Mapping[str, torch.Tensor]) -> Converted:
+    """torchvision's VisionTransformer: nn.MultiheadAttention's in_proj rows are [q; k; v], as timm's qkv."""
+    out = _rename(sd, _TORCHVISION_RULES)
+    notes = ["heads.pre_logits (representation layer) has no counterpart; reported as unexpected"] \
+        if "heads.pre_logits.weight" in sd else []
+    return Converted(out, "torchvision", arch=infer_arch(out), notes=notes)
+
+
+# -- Hugging Face transformers ----------------------------------------------------------------------------------
+
+# Names on disk (every published checkpoint) and transformers>=5's in-memory names, both accepted.
+_HF_RULES = [
+    (r"(?:vit\.)?embeddings\.cls_token", "cls_token"),
+    (r"(?:vit\.)?embeddings\.position_embeddings", "pos_embed"),
+    (r"(?:vit\.)?embeddings\.patch_embeddings\.projection\.(weight|bias)", r"patch_embed.proj.\1"),
+    (r"(?:vit\.)?(?:encoder\.layer|layers)\.(\d+)\.layernorm_before\.(weight|bias)", r"blocks.\1.norm1.\2"),
+    (r"(?:vit\.)?(?:encoder\.layer|layers)\.(\d+)\.layernorm_after\.(weight|bias)", r"blocks.\1.norm2.\2"),
+    (r"(?:vit\.)?(?:encoder\.layer\.(\d+)\.attention\.output\.dense|layers\.(\d+)\.attention\.o_proj)\.(weight|bias)",
+     r"blocks.\1\2.attn.proj.\3"),
+    (r"(?:vit\.)?(?:encoder\.layer\.(\d+)\.intermediate\.dense|layers\.(\d+)\.mlp\.fc1)\.(weight|bias)",
+     r"blocks.\1\2.mlp.fc1.\3"),
+    (r"(?:vit\.)?(?:encoder\.layer\.(\d+)\.output\.dense|layers\.(\d+)\.mlp\.fc2)\.(weight|bias)",
+     r"blocks.\1\2.mlp.fc2.\3"),
+    (r"(?:vit\.)?layernorm\.(weight|bias)", r"norm.\1"),
+    (r"classifier\.(weight|bias)", r"head.\1"),
+]
+_HF_QKV = re.compile(
+    r"(?:vit\.)?(?:encoder\.layer\.(\d+)\.attention\.attention\.(query|key|value)"
+    r"|layers\.(\d+)\.attention\.(q|k|v)_proj)\.(weight|bias)")
+_HF_ACT = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}
+
+
+def from_transformers(sd: Mapping[str, torch.Tensor], config: Mapping[str, Any] | None = None) -> Converted:
+    """HF ViT: separate query/key/value projections are stacked into one qkv ([q; k; v] rows, as timm)."""
+    parts: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
+    rest = {}
+    for key, value in sd.items():
+        m = _HF_QKV.fullmatch(key)
+        if m:
+            block = m.group(1) or m.group(3)
+            which = (m.group(2) or m.group(4))[0]  # 'q' | 'k' | 'v'
+            parts.setdefault((block, m.group(5)), {})[which] = value
+        else:
+            rest[key] = value
+    out = _rename(rest, _HF_RULES)
+    for (block, kind), qkv in parts.items():
+        if set(qkv) != {"q", "k", "v"}:
+            raise WeightsError(f"layer {block}: {kind} of query/key/value incomplete ({sorted(qkv)} present)")
+        out[f"blocks.{block}.attn.qkv.{kind}"] = torch.cat([qkv["q"], qkv["k"], qkv["v"]], dim=0)
+    arch = infer_arch(out)
+    data: dict[str, Any] = {}
+    class_names = None
+    if config:
+        act = config.get("hidden_act", "gelu")
+        if act not in _HF_ACT:
+            raise WeightsError(f"hidden_act {act!r} in config.json is not supported (vitkit has {sorted(_HF_ACT)})")
+        arch.update(norm_eps=float(config.get("layer_norm_eps", 1e-12)), act=_HF_ACT[act],
+                    num_heads=int(config.get("num_attention_heads", 12)), qkv_bias=bool(config.get("qkv_bias", True)))
+        if "image_size" in config:
+            data["input_size"] = int(config["image_size"])
+        id2label = config.get("id2label") or {}
+        if arch["num_classes"] and len(id2label) == arch["num_classes"]:
+            labels = [id2label[str(i)] if str(i) in id2label else id2label.get(i) for i in range(len(id2label))]
+            if not all(str(x).startswith("LABEL_") for x in labels):  # HF's placeholder names carry nothing
+                class_names = [str(x) for x in labels]
+    notes = ["pooler (ViTModel's tanh pooler) is not part of ViTForImageClassification; reported as unexpected"] \
+        if any("pooler." in k for k in sd) else []
+    return Converted(out, "transformers", arch=arch, data=data, class_names=class_names, notes=notes)
+
+
+def _hf_preprocessor(path: Path) -> dict[str, Any]:
+    """Preprocessing from preprocessor_config.json (ViTImageProcessor resizes straight to size: crop_pct 1)."""
+    file = path / "preprocessor_config.json"
+    if not file.is_file():
+        return {}
+    cfg = json.loads(file.read_text())
+    data: dict[str, Any] = {}
+    if "image_mean" in cfg:
+        data["mean"], data["std"] = tuple(cfg["image_mean"]), tuple(cfg["image_std"])
+    size = cfg.get("size")
+    if isinstance(size, dict) and "height" in size:
+        data["input_size"], data["crop_pct"] = int(size["height"]), 1.0
+    resample = {2: "bilinear", 3: "bicubic"}.get(cfg.get("resample"))  # PIL.Image.Resampling codes
+    if resample:
+        data["interpolation"] = resample
+    return data
+
+
+# -- Google JAX .npz ------------------------------------------------------------------------------------------
+
+def _jax_array(a: np.ndarray) -> torch.Tensor:
+    if a.dtype.kind == "V" and a.dtype.itemsize == 2:  # bfloat16 saved through ml_dtypes
+        return torch.from_numpy(a.view(np.int16).copy()).view(torch.bfloat16).float()
+    return torch.from_numpy(np.ascontiguousarray(a)).float()
+
+
+def from_jax(w: Mapping[str, np.ndarray]) -> Converted:
+    """Google's ViT checkpoints, with the key layout of timm's `_load_weights` (timm/models/vision_transformer.py).
+
+    Original ViT / AugReg name the sub-layers MultiHeadDotProductAttention_1, MlpBlock_3, LayerNorm_0/_2;
+    big_vision names them _0, _0, LayerNorm_0/_1, keeps `pos_embedding` at the top, and with `scan` stacks all
+    blocks in one 'Transformer/encoderblock/' whose arrays carry the block index first.
+    """
+    prefix = next((p for p in ("", "opt/target/", "params/", "params/img/") if f"{p}embedding/kernel" in w), None)
+    if prefix is None:
+        raise WeightsError("no 'embedding/kernel' array: not a Google ViT .npz checkpoint")
+    big_vision = prefix.startswith("params/") or f"{prefix}pos_embedding" in w \
+        or f"{prefix}Transformer/encoderblock/LayerNorm_0/scale" in w
+    if f"{prefix}MAPHead_0/probe" in w:
+        raise WeightsError("this .npz uses an attention-pool (MAP) head, which vitkit's ViT does not have")
+    scan = f"{prefix}Transformer/encoderblock/LayerNorm_0/scale" in w
+    t = lambda k: _jax_array(w[prefix + k])  # noqa: E731
+    out: dict[str, torch.Tensor] = {}
+    kernel = t("embedding/kernel")
+    if kernel.ndim != 4:
+        raise WeightsError(f"embedding/kernel has shape {tuple(kernel.shape)}; only conv patch embeddings load")
+    out["patch_embed.proj.weight"] = kernel.permute(3, 2, 0, 1)  # (kh, kw, in, out) -> (out, in, kh, kw)
+    out["patch_embed.proj.bias"] = t("embedding/bias")
+    if prefix + "cls" in w:
+        out["cls_token"] = t("cls")
+    out["pos_embed"] = t("pos_embedding" if big_vision else "Transformer/posembed_input/pos_embedding")
+    out["norm.weight"], out["norm.bias"] = t("Transformer/encoder_norm/scale"), t("Transformer/encoder_norm/bias")
+    if prefix + "head/kernel" in w and w[prefix + "head/kernel"].size:
+        out["head.weight"], out["head.bias"] = t("head/kernel").T, t("head/bias")
+    mha, mlp, ln2 = ("MultiHeadDotProductAttention_0", "MlpBlock_0", "LayerNorm_1") if big_vision else \
+        ("MultiHeadDotProductAttention_1", "MlpBlock_3", "LayerNorm_2")
+    if scan:
+        depth = w[f"{prefix}Transformer/encoderblock/LayerNorm_0/scale"].shape[0]
+    else:
+        depth = len({m.group(1) for k in w if (m := re.match(rf"{re.escape(prefix)}Transformer/encoderblock_(\d+)/", k))})
+    num_heads = None
+    for i in range(depth):
+        base = "Transformer/encoderblock/" if scan else f"Transformer/encoderblock_{i}/"
+        g = (lambda k, i=i, base=base: t(base + k)[i]) if scan else (lambda k, base=base: t(base + k))
+        b = f"blocks.{i}."
+        out[b + "norm1.weight"], out[b + "norm1.bias"] = g("LayerNorm_0/scale"), g("LayerNorm_0/bias")
+        q = g(f"{mha}/query/kernel")  # (D, heads, head_dim)
+        num_heads = q.shape[1]
+        out[b + "attn.qkv.weight"] = torch.cat(
+            [g(f"{mha}/{n}/kernel").flatten(1).T for n in ("query", "key", "value")])  # (3D, D)
+        out[b + "attn.qkv.bias"] = torch.cat([g(f"{mha}/{n}/bias").reshape(-1) for n in ("query", "key", "value")])
+        out[b + "attn.proj.weight"] = g(f"{mha}/out/kernel").permute(2, 0, 1).flatten(1)  # (heads, hd, D) -> (D, D)
+        out[b + "attn.proj.bias"] = g(f"{mha}/out/bias")
+        out[b + "norm2.weight"], out[b + "norm2.bias"] = g(f"{ln2}/scale"), g(f"{ln2}/bias")
+        for r in (0, 1):
+            out[b + f"mlp.fc{r + 1}.weight"] = g(f"{mlp}/Dense_{r}/kernel").T
+            out[b + f"mlp.fc{r + 1}.bias"] = g(f"{mlp}/Dense_{r}/bias")
+    arch = infer_arch(out)
+    if num_heads:
+        arch["num_heads"] = int(num_heads)
+    notes = ["pre_logits (representation layer) dropped, as timm does"] if prefix + "pre_logits/kernel" in w else []
+    return Converted(out, "jax", arch=arch, data=dict(JAX_DATA), notes=notes)
+
+
+# -- MindCV (MindSpore) -----------------------------------------------------------------------------------------
+
+# MindCV has published ViT checkpoints in three layouts (mindspore-lab/mindcv, mindcv/models/vit.py history):
+#  - current (vit_b_32_224-4a1c9d8e.ckpt, ...-a2165e72-910v2.ckpt): timm names, LayerNorm gamma/beta;
+#  - 2023 (vit_b_32_224-f50866e8.ckpt ...): the same but the head is `head.classifier`;
+#  - first (vit_b_32_224-7553218f.ckpt ...): BaseClassifier(backbone=ViT, head=DenseHead) with SequentialCell
+#    blocks; names follow MindSpore's attribute-path naming. Mapped from the source, no file of it was at hand.
+_MINDCV_RULES = [
+    (r"head\.classifier\.(weight|bias)", r"head.\1"),
+    (r"backbone\.cls_token", "cls_token"),
+    (r"backbone\.pos_embedding", "pos_embed"),
+    (r"backbone\.patch_embedding\.conv\.(weight|bias)", r"patch_embed.proj.\1"),
+    (r"backbone\.transformer\.layers\.(\d+)\.0\.cell\.0\.(gamma|beta)", r"blocks.\1.norm1.\2"),
+    (r"backbone\.transformer\.layers\.(\d+)\.0\.cell\.1\.qkv\.(weight|bias)", r"blocks.\1.attn.qkv.\2"),
+    (r"backbone\.transformer\.layers\.(\d+)\.0\.cell\.1\.out\.(weight|bias)", r"blocks.\1.attn.proj.\2"),
+    (r"backbone\.transformer\.layers\.(\d+)\.1\.cell\.0\.(gamma|beta)", r"blocks.\1.norm2.\2"),
+    (r"backbone\.transformer\.layers\.(\d+)\.1\.cell\.1\.dense([12])\.(weight|bias)", r"blocks.\1.mlp.fc\2.\3"),
+    (r"backbone\.norm\.(gamma|beta)", r"norm.\1"),
+]
+_NORM_PARAM = re.compile(r"(.*(?:norm\d?|norm_pre|fc_norm|q_norm|k_norm))\.(gamma|beta)")
+# Optimizer / loss-scale / step state that MindSpore training checkpoints carry beside the weights.
+_MINDSPORE_STATE = re.compile(
+    r"(adam_m|adam_v|moments|accum|mean_grad|mean_square|global_step|learning_rate|beta[12]_power|"
+    r"scale_sense|current_iterator_step|last_overflow_iterator_step|epoch_num|step_num)(\..*)?")
+
+
+def from_mindcv(sd: Mapping[str, torch.Tensor]) -> Converted:
+    state = [k for k in sd if _MINDSPORE_STATE.fullmatch(k)]
+    weights = {k: v for k, v in sd.items() if k not in state}
+    out = {}
+    for key, value in _rename(weights, _MINDCV_RULES).items():
+        m = _NORM_PARAM.fullmatch(key)
+        out[f"{m.group(1)}.{'weight' if m.group(2) == 'gamma' else 'bias'}" if m else key] = value
+    notes = [f"{len(state)} optimizer/training-state tensors ignored"] if state else []
+    arch = {**infer_arch(out), **MINDCV_ARCH}
+    return Converted(out, "mindcv", arch=arch, notes=notes)
+
+
+# -- timm and vitkit ---------------------------------------------------------------------------------------------
+
+def from_timm(sd: Mapping[str, torch.Tensor], config: Mapping[str, Any] | None = None) -> Converted:
+    """timm's names are ours. A timm hub config.json adds pooling, model args and the eval preprocessing."""
+    out = {k: v for k, v in sd.items()}
+    notes = []
+    if "pre_logits.fc.weight" in out:  # timm's own filter drops the old representation layer
+        notes.append("pre_logits (representation layer) dropped, as timm does")
+        out = {k: v for k, v in out.items() if not k.startswith("pre_logits.")}
+    arch, data = infer_arch(out), {}
+    if config:
+        args = dict(config.get("model_args") or {})
+        if config.get("global_pool") in ("token", "avg"):
+            args.setdefault("global_pool", config["global_pool"])
+        arch.update({k: v for k, v in args.items() if k in ARCH_FIELDS})
+        pcfg = config.get("pretrained_cfg") or {}
+        for key in ("mean", "std"):
+            if key in pcfg:
+                data[key] = tuple(pcfg[key])
+        for key in ("crop_pct", "interpolation"):
+            if key in pcfg:
+                data[key] = pcfg[key]
+        if "input_size" in pcfg:
+            data["input_size"] = int(pcfg["input_size"][-1])
+    return Converted(out, "timm", arch=arch, data=data, notes=notes)
+
+
+def _detect_and_convert(sd: dict[str, torch.Tensor], origin: str) -> Converted:
+    """Pick the format from the key names of a plain tensor dict."""
+    keys = set(sd)
+    if "conv_proj.weight" in keys or "encoder.pos_embedding" in keys:
+        return from_torchvision(sd)
+    if any(k.endswith("embeddings.patch_embeddings.projection.weight") for k in keys):
+        return from_transformers(sd)
+    if "backbone.patch_embedding.conv.weight" in keys or "head.classifier.weight" in keys \
+            or any(_NORM_PARAM.fullmatch(k) for k in keys):
+        return from_mindcv(sd)
+    if "patch_embed.proj.weight" in keys:
+        return from_timm(sd)
+    sample = ", ".join(sorted(keys)[:5])
+    raise WeightsError(f"{origin}: unrecognised weights (first keys: {sample}); vitkit reads timm, torchvision, "
+                       f"Hugging Face transformers, Google .npz and MindCV .ckpt ViT weights")
+
+
+# -- files and folders -------------------------------------------------------------------------------------------
+
+def _torch_load(path: Path) -> dict[str, torch.Tensor]:
+    import pickle
+
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        raise WeightsError(f"{path} refused: it holds pickled Python objects beyond plain tensors ({first[:200]}). "
+                           f"vitkit never unpickles code from a weights file; re-save only the state dict "
+                           f"(torch.save(model.state_dict(), ...)) or use safetensors") from None
+    except (RuntimeError, OSError, EOFError, ValueError) as e:
+        raise WeightsError(f"{path} could not be read by torch.load ({type(e).__name__}: {str(e)[:200]}); "
+                           f"is the file complete?") from None
+    return _unwrap(obj, path)
+
+
+def _safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, (f.metadata() or {})
+    except (SafetensorError, OSError) as e:
+        raise WeightsError(f"{path} is not a readable safetensors file ({e}); is the file complete?") from None
+
+
+def _from_vitkit(sd: dict[str, torch.Tensor], meta: dict[str, str]) -> Converted:
+    from vitkit.engine.checkpoint import EMA_PREFIX
+
+    arch_all = json.loads(meta["arch"])
+    weights = {k: v for k, v in sd.items() if not k.startswith(EMA_PREFIX)}
+    data = json.loads(meta.get("data_config") or "{}")
+    notes = ["EMA weights present; the raw weights were loaded"] if len(weights) < len(sd) else []
+    return Converted(weights, "vitkit", arch={k: arch_all[k] for k in ARCH_FIELDS if k in arch_all},
+                     data={k: tuple(v) if isinstance(v, list) else v for k, v in data.items()},
+                     class_names=json.loads(meta.get("class_names") or "null"), notes=notes)
+
+
+def _sniff(path: Path) -> str:
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if head[:2] == b"PK":
+        with zipfile.ZipFile(path) as z:
+            names = z.namelist()
+        return "npz" if names and all(n.endswith(".npy") for n in names) else "torch"
+    if len(head) >= 9 and head[8:9] == b"{":  # safetensors: u64 header length, then the JSON header
+        return "safetensors"
+    if head[:1] == b"\x0a":  # protobuf field 1, length-delimited: MindSpore's Checkpoint.value
+        return "mindspore"
+    return "torch"  # legacy (non-zip) torch.save files; torch.load(weights_only=True) judges them
+
+
+def read_file(path: str | Path) -> Converted:
+    """Read one weights file of any supported format (detected from its content, not its name)."""
+    path = Path(path)
+    kind = _sniff(path)
+    if kind == "npz":
+        with np.load(path, allow_pickle=False) as npz:
+            return from_jax({k: npz[k] for k in npz.files})
+    if kind == "mindspore":
+        from vitkit.weights.mindspore_ckpt import read_mindspore_ckpt
+
+        return from_mindcv(read_mindspore_ckpt(path))
+    if kind == "safetensors":
+        sd, meta = _safetensors(path)
+        if meta.get("format") == "vitkit":
+            return _from_vitkit(sd, meta)
+        return _detect_and_convert(_strip_prefixes(sd), str(path))
+    return _detect_and_convert(_torch_load(path), str(path))
+
+
+def _folder_weights(path: Path) -> Path:
+    for name in ("model.safetensors", "open_clip_model.safetensors", "pytorch_model.bin"):
+        if (path / name).is_file():
+            return path / name
+    raise WeightsError(f"{path} has no model.safetensors or pytorch_model.bin (sharded checkpoints are not supported)")
+
+
+def read_folder(path: str | Path) -> Converted:
+    """A saved Hugging Face model folder: transformers ViT or a timm hub snapshot (config.json + weights)."""
+    path = Path(path)
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise WeightsError(f"{path} is a folder without config.json; give the weights file itself")
+    config = json.loads(cfg_file.read_text())
+    weights = _folder_weights(path)
+    if weights.suffix == ".safetensors":
+        sd = _strip_prefixes(_safetensors(weights)[0])
+    else:
+        sd = _torch_load(weights)
+    if config.get("model_type") == "vit":
+        conv = from_transformers(sd, config)
+        conv.data.update(_hf_preprocessor(path))
+        return conv
+    if "architecture" in config:
+        return from_timm(sd, config)
+    raise WeightsError(f"{cfg_file}: model_type {config.get('model_type')!r} is neither a transformers ViT nor "
+                       f"a timm model")
