@@ -92,7 +92,9 @@ def seeded(s: int, restore: bool) -> Iterator[None]:
     states = (random.getstate(), np.random.get_state(), torch.get_rng_state()) if restore else None
     random.seed(s)
     np.random.seed(s % 2**32)
-    torch.manual_seed(s)
+    # The CPU generator only: torch.manual_seed also queues a lazy CUDA seed call that records a stack trace
+    # (about 0.3 ms per sample, measured); augmentation runs on the CPU.
+    torch.default_generator.manual_seed(s)
     try:
         yield
     finally:
@@ -111,12 +113,20 @@ class SampleReader(Dataset):
     def __len__(self) -> int:
         return len(self.ds)
 
+    def __getitems__(self, items: list[tuple[int, int]]) -> list[tuple[torch.Tensor, int, list[str]]]:
+        """A batch (DataLoader calls this when defined); in the main process the caller's RNG states are saved
+        and restored once per batch rather than once per image."""
+        in_worker = torch.utils.data.get_worker_info() is not None
+        with seeded(0, restore=not in_worker):
+            return [self._read(i, key) for i, key in items]
+
     def __getitem__(self, item: tuple[int, int]) -> tuple[torch.Tensor, int, list[str]]:
-        i, key = item
+        return self.__getitems__([item])[0]
+
+    def _read(self, i: int, key: int) -> tuple[torch.Tensor, int, list[str]]:
         s = sample_seed(self.seed, key)
         bad: list[str] = []
-        in_worker = torch.utils.data.get_worker_info() is not None
-        with seeded(s, restore=not in_worker):
+        with seeded(s, restore=False):
             rng = np.random.default_rng(s)
             for _ in range(MAX_REPLACEMENTS):
                 try:
@@ -131,10 +141,20 @@ class SampleReader(Dataset):
                         "run `vitkit data check DIR` to list the broken files")
 
 
-def collate(items: list[tuple[torch.Tensor, int, list[str]]]) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    images = torch.stack([x for x, _, _ in items])
-    targets = torch.tensor([t for _, t, _ in items], dtype=torch.long)
-    return images, targets, [p for _, _, bad in items for p in bad]
+class Collate:
+    """Stack samples; with mean/std, samples are uint8 and the whole batch is normalized at once (in the worker):
+    a quarter of the bytes through stacking, and one vectorized op instead of one per image."""
+
+    def __init__(self, mean: Optional[tuple[float, ...]] = None, std: Optional[tuple[float, ...]] = None):
+        self.scale = None if mean is None else (torch.tensor(mean).view(1, 3, 1, 1) * 255,
+                                               torch.tensor(std).view(1, 3, 1, 1) * 255)
+
+    def __call__(self, items: list[tuple[torch.Tensor, int, list[str]]]) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+        images = torch.stack([x for x, _, _ in items])
+        if self.scale is not None:
+            images = images.float().sub_(self.scale[0]).div_(self.scale[1])
+        targets = torch.tensor([t for _, t, _ in items], dtype=torch.long)
+        return images, targets, [p for _, _, bad in items for p in bad]
 
 
 class _EpochBatches:
@@ -151,10 +171,15 @@ class _EpochBatches:
 
 
 class Loader:
-    """Batches of (images float (B, C, H, W) normalized, targets long (B,)) for one rank."""
+    """Batches of (images float (B, C, H, W) normalized, targets long (B,)) for one rank.
+
+    `transform` maps a PIL image to a normalized float tensor, or with normalize=(mean, std) to a uint8 tensor
+    that the collate step normalizes batch-wise; `batch_fn` replaces workers for in-memory data.
+    """
 
     def __init__(self, ds: Any, plan: ShardPlan, *, transform: Any = None, seed: int = 0, num_workers: int = 0,
-                 pin_memory: bool = False, bad_image_limit: float = 0.01, batch_fn: Any = None):
+                 pin_memory: bool = False, bad_image_limit: float = 0.01, batch_fn: Any = None,
+                 normalize: Optional[tuple[tuple[float, ...], tuple[float, ...]]] = None):
         self.ds, self.plan, self.seed = ds, plan, seed
         self.bad_image_limit = bad_image_limit
         self.batch_fn = batch_fn  # in-memory path: (indices, keys) -> (images, targets), no workers
@@ -164,7 +189,7 @@ class Loader:
         if batch_fn is None:
             self._loader = DataLoader(
                 SampleReader(ds, transform, seed), batch_sampler=self._batches, num_workers=num_workers,
-                collate_fn=collate, pin_memory=pin_memory, persistent_workers=num_workers > 0,
+                collate_fn=Collate(*(normalize or ())), pin_memory=pin_memory, persistent_workers=num_workers > 0,
                 prefetch_factor=4 if num_workers > 0 else None,
                 generator=torch.Generator())  # DataLoader draws a base seed; keep it off the global RNG
         self._stats: dict[str, Any] = {}
@@ -243,7 +268,11 @@ def build_loader(cfg: Any, ds: Any, *, train: bool, data_config: DataConfig, ran
         if BatchAugment.supports(cfg, train):
             aug = BatchAugment(ds, data_config, cfg if train else None, seed=cfg.seed)
             return Loader(ds, plan, seed=cfg.seed, bad_image_limit=limit, batch_fn=aug)
-    transform = build_transform(data_config, cfg if train else None, train=train, small_data=small)
+    # Random erasing works on normalized pixels, so only then does each sample normalize itself.
+    batch_norm = not (train and cfg.re_prob > 0)
+    transform = build_transform(data_config, cfg if train else None, train=train, small_data=small,
+                                normalize=not batch_norm)
     workers = cfg.num_parallel_workers if not isinstance(ds, ArrayDataset) or cfg.auto_augment else 0
     return Loader(ds, plan, transform=transform, seed=cfg.seed, num_workers=workers,
-                  pin_memory=torch.cuda.is_available(), bad_image_limit=limit)
+                  pin_memory=torch.cuda.is_available(), bad_image_limit=limit,
+                  normalize=(data_config.mean, data_config.std) if batch_norm else None)

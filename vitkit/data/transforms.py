@@ -18,7 +18,6 @@ Pipelines (cfg values in brackets):
 """
 from __future__ import annotations
 
-import math
 from typing import Any, Optional
 
 import numpy as np
@@ -56,7 +55,7 @@ def _draft(img: Image.Image, needed_w: float, needed_h: float) -> float:
     while k < 8 and w / (2 * k) >= needed_w and h / (2 * k) >= needed_h:
         k *= 2
     if k > 1:
-        img.draft("RGB", (math.ceil(w / k), math.ceil(h / k)))
+        img.draft("RGB", (w // k, h // k))  # PIL picks the largest scale with size >= this
     return img.size[0] / w
 
 
