@@ -241,6 +241,10 @@ def _coerce(value: Any, tp: Any) -> tuple[bool, Any]:
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return True, float(value)
+        # YAML 1.1 (PyYAML) reads `1e-5` (no dot) as a string; MindCV recipes and users write it that way.
+        if isinstance(value, str) and _is_number(value) and value.strip().lower().lstrip("+-") not in ("nan", "inf",
+                                                                                                      "infinity"):
+            return True, float(value)
         return False, value
     if tp is str:
         return isinstance(value, str), value
@@ -252,10 +256,11 @@ def _coerce(value: Any, tp: Any) -> tuple[bool, Any]:
         return False, value
     if origin is list:
         (arg,) = typing.get_args(tp)
-        if isinstance(value, (list, tuple)):
-            out = [_coerce(v, arg) for v in value]
-            return all(ok for ok, _ in out), [v for _, v in out]
-        return False, value
+        if not isinstance(value, (list, tuple)):  # `--multi_step_decay_milestones 30` is a list of one
+            ok, v = _coerce(value, arg)
+            return ok, [v] if ok else value
+        out = [_coerce(v, arg) for v in value]
+        return all(ok for ok, _ in out), [v for _, v in out]
     raise TypeError(f"unsupported config type {tp}")
 
 
