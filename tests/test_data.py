@@ -325,3 +325,20 @@ def test_data_check_lists_problems(tmp_path, capsys):
     assert f"empty class: {root / 'train' / 'empty'}" in out and "imbalance: val" in out
     assert cli(["data", "check", str(SAMPLE / "test")]) == 0
     assert cli(["data", "check", str(tmp_path / "missing")]) == 2
+
+
+def test_gpu_decode_path_runs_on_cpu_and_matches_eval_crop(tmp_path):
+    """The nvJPEG path with device=cpu: same shapes, deterministic, and its eval crop close to the PIL path."""
+    for i in range(4):
+        (tmp_path / "val" / "a").mkdir(parents=True, exist_ok=True)
+        _photo(120, 90, seed=i).save(tmp_path / "val" / "a" / f"{i}.jpg", quality=95)
+    cfg = _cfg("--data_dir", str(tmp_path), "--batch_size", "4", "--gpu_decode", "--in_memory", "false")
+    dc = DataConfig(input_size=64, crop_pct=1.0, interpolation="bilinear")
+    ds = build_dataset(cfg, "val", train=False)
+    (x, y), = _epoch(build_loader(cfg, ds, train=False, data_config=dc), 0)
+    ref = torch.stack([build_transform(dc, None, train=False, small_data=False)(ds.load(i)) for i in range(4)])
+    assert x.shape == ref.shape == (4, 3, 64, 64) and (x - ref).abs().mean() < 0.05
+    cfg.val_split = cfg.train_split = "val"
+    train = build_loader(cfg, ds, train=True, data_config=dc)
+    (a, _), (b, _) = _epoch(train, 2)[0], _epoch(train, 2)[0]
+    assert a.shape == (4, 3, 64, 64) and torch.equal(a, b)

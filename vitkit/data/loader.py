@@ -179,17 +179,19 @@ class Loader:
 
     def __init__(self, ds: Any, plan: ShardPlan, *, transform: Any = None, seed: int = 0, num_workers: int = 0,
                  pin_memory: bool = False, bad_image_limit: float = 0.01, batch_fn: Any = None,
-                 normalize: Optional[tuple[tuple[float, ...], tuple[float, ...]]] = None):
+                 normalize: Optional[tuple[tuple[float, ...], tuple[float, ...]]] = None,
+                 collate_fn: Any = None, post_fn: Any = None):
         self.ds, self.plan, self.seed = ds, plan, seed
         self.bad_image_limit = bad_image_limit
         self.batch_fn = batch_fn  # in-memory path: (indices, keys) -> (images, targets), no workers
+        self.post_fn = post_fn  # GPU decode path: collated bytes -> (images, targets, bad) in the main process
         self.epoch, self.start_batch = 0, 0
         self._batches = _EpochBatches()
         self._loader: Optional[DataLoader] = None
         if batch_fn is None:
             self._loader = DataLoader(
                 SampleReader(ds, transform, seed), batch_sampler=self._batches, num_workers=num_workers,
-                collate_fn=Collate(*(normalize or ())), pin_memory=pin_memory, persistent_workers=num_workers > 0,
+                collate_fn=collate_fn or Collate(*(normalize or ())), pin_memory=pin_memory, persistent_workers=num_workers > 0,
                 prefetch_factor=4 if num_workers > 0 else None,
                 generator=torch.Generator())  # DataLoader draws a base seed; keep it off the global RNG
         self._stats: dict[str, Any] = {}
@@ -224,6 +226,8 @@ class Loader:
         else:
             self._batches.batches = batches
             source = iter(self._loader)  # type: ignore[arg-type]
+            if self.post_fn is not None:
+                source = map(self.post_fn, source)
         while True:
             t0 = time.perf_counter()
             try:
@@ -268,6 +272,13 @@ def build_loader(cfg: Any, ds: Any, *, train: bool, data_config: DataConfig, ran
         if BatchAugment.supports(cfg, train):
             aug = BatchAugment(ds, data_config, cfg if train else None, seed=cfg.seed)
             return Loader(ds, plan, seed=cfg.seed, bad_image_limit=limit, batch_fn=aug)
+    if getattr(cfg, "gpu_decode", False) and not in_memory:
+        from vitkit.data.gpu_decode import GpuCollate, GpuDecoder, JpegCropPlan
+
+        plan_tf = JpegCropPlan(tuple(cfg.scale), tuple(cfg.ratio), cfg.hflip, train, data_config)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        return Loader(ds, plan, transform=plan_tf, seed=cfg.seed, num_workers=cfg.num_parallel_workers,
+                      bad_image_limit=limit, collate_fn=GpuCollate(), post_fn=GpuDecoder(data_config, device))
     # Random erasing works on normalized pixels, so only then does each sample normalize itself.
     batch_norm = not (train and cfg.re_prob > 0)
     transform = build_transform(data_config, cfg if train else None, train=train, small_data=small,
