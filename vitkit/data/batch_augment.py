@@ -16,6 +16,19 @@ from vitkit.data.loader import sample_seed
 from vitkit.data.preprocess import DataConfig
 
 
+def uniforms(seed: int, keys: np.ndarray, k: int) -> np.ndarray:
+    """(len(keys), k) uniforms in [0, 1), each a pure function of (seed, key, column): SplitMix64 hashing,
+    vectorized (a seeded generator per sample cost ~0.2 ms per image, measured)."""
+    with np.errstate(over="ignore"):
+        z = (keys[:, None] * np.uint64(k) + np.arange(k, dtype=np.uint64) + np.uint64(seed & 0xFFFFFFFF) *
+             np.uint64(0x9E3779B97F4A7C15))
+        z = z + np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z = z ^ (z >> np.uint64(31))
+    return (z >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+
+
 class BatchAugment:
     """(index, key) pairs -> (images float (B, 3, S, S) normalized, targets (B,), bad paths)."""
 
@@ -42,18 +55,19 @@ class BatchAugment:
         n, (h, w) = len(self.targets), self.images.shape[1:3]
         pad = max(1, min(h, w) // 8)
         for i, key in batch:
-            rng = np.random.default_rng(sample_seed(self.seed, key))
-            while i in self.bad:  # decoded-once images that failed: replace, as the per-sample path does
-                bad_paths.append(self.ds.path(i))
-                i = int(rng.integers(n))
+            if i in self.bad:  # decoded-once images that failed: replace, as the per-sample path does
+                rng = np.random.default_rng(sample_seed(self.seed, key))
+                while i in self.bad:
+                    bad_paths.append(self.ds.path(i))
+                    i = int(rng.integers(n))
             idx.append(i)
-            if self.train:
-                params.append((rng.integers(0, 2 * pad + 1), rng.integers(0, 2 * pad + 1),
-                               rng.random() < self.hflip, rng.random() < self.vflip))
         ix = torch.as_tensor(idx, device=self.device)
         x = self.images[ix].permute(0, 3, 1, 2)  # (B, 3, H, W) uint8
         if self.train:
-            x = self._pad_crop_flip(x, torch.as_tensor(np.array(params, dtype=np.int64), device=self.device), pad)
+            u = uniforms(self.seed, np.array([k for _, k in batch], dtype=np.uint64), 4)  # (B, 4) in [0, 1)
+            params = np.stack([(u[:, 0] * (2 * pad + 1)).astype(np.int64), (u[:, 1] * (2 * pad + 1)).astype(np.int64),
+                               u[:, 2] < self.hflip, u[:, 3] < self.vflip], 1).astype(np.int64)
+            x = self._pad_crop_flip(x, torch.as_tensor(params, device=self.device), pad)
         x = x.float()
         s = self.dc.input_size
         if (h, w) != (s, s):
