@@ -154,11 +154,13 @@ def load_inference_model(source: str, *, model_name: str | None = None, use_ema:
     if name is None:
         raise WeightsError(f"{source} is neither a vitkit checkpoint nor a registered model name; for other "
                            f"weights files pass --model NAME (see `vitkit models`)")
-    model = create_model(name, pretrained=weights).eval()
-    spec = get_spec(name)
-    dc = DataConfig(input_size=model.cfg.img_size, mean=spec.mean, std=spec.std,
-                    interpolation=spec.interpolation, crop_pct=spec.crop_pct)
-    return InferenceModel(model.to(device), name, dc, default_class_names(model.cfg.num_classes), str(source))
+    from vitkit.weights import load_weights
+
+    loaded = load_weights(weights, model_name=name)
+    model = create_model(name, pretrained=loaded).eval()
+    dc = loaded.data_config(get_spec(name), model.cfg.img_size)
+    names = default_class_names(model.cfg.num_classes, loaded.class_names)
+    return InferenceModel(model.to(device), name, dc, names, str(source))
 
 
 def topk_answer(probs: torch.Tensor | np.ndarray, class_names: list[str], k: int) -> list[dict[str, Any]]:

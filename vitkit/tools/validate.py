@@ -104,33 +104,39 @@ def model_from_checkpoint(cfg: Config, ckpt: Checkpoint, use_ema: bool) -> tuple
     return model, _override_preprocessing(ckpt.data_config, cfg, _explicit), ckpt.class_names
 
 
-def model_from_weights(cfg: Config, weights: bool | str, allow_random: bool) -> tuple[torch.nn.Module, DataConfig]:
-    """`cfg.model` with foreign weights (or random ones with `allow_random`), and its eval preprocessing.
+def model_from_weights(cfg: Config, weights: bool | str, allow_random: bool, dataset_classes: int | None
+                       ) -> tuple[torch.nn.Module, DataConfig, list[str] | None]:
+    """`cfg.model` with foreign weights (or random ones with `allow_random`), its eval preprocessing and the
+    class names the weights state, if any.
 
     The head is never reset here: the model takes the weights' own class count, and `check_fit` compares it
     with the dataset, so a foreign checkpoint for another task is an error instead of a random head.
     """
     from vitkit.models.registry import create_model, get_spec
+    from vitkit.weights import load_weights
 
     try:
         spec = get_spec(cfg.model)
     except KeyError as e:
         raise ConfigError(str(e).strip("'\"")) from None
-    if not weights and not allow_random:
-        raise WeightsError("no weights to validate: pass --ckpt_path FILE, or --pretrained true / a file / a hub id "
-                           "(or --allow_random for a chance-level baseline)")
-    num_classes = cfg.num_classes if not weights else None
-    model = create_model(cfg.model, pretrained=weights or False, num_classes=num_classes).eval()
-    if weights and cfg.num_classes is not None and model.num_classes != cfg.num_classes:
-        raise WeightsError(f"the weights {weights} have a {model.num_classes}-class head but the config says "
-                           f"num_classes {cfg.num_classes}")
-    stated = getattr(model, "pretrained_data", None) or {}  # preprocessing the weights state, if any
-    dc = DataConfig(input_size=int(stated.get("input_size", model.cfg.img_size)),
-                    mean=tuple(stated.get("mean", spec.mean)), std=tuple(stated.get("std", spec.std)),  # type: ignore[arg-type]
-                    interpolation=str(stated.get("interpolation", spec.interpolation)),
-                    crop_pct=float(stated.get("crop_pct", spec.crop_pct)))
+    if not weights:
+        if not allow_random:
+            raise WeightsError("no weights to validate: pass --ckpt_path FILE, or --pretrained true / a file / a "
+                               "hub id (or --allow_random for a chance-level baseline)")
+        model = create_model(cfg.model, num_classes=cfg.num_classes or dataset_classes)
+        dc, names = DataConfig(model.cfg.img_size, spec.mean, spec.std, spec.interpolation, spec.crop_pct), None
+    else:
+        loaded = load_weights(weights, model_name=cfg.model)
+        try:
+            model = create_model(cfg.model, pretrained=loaded)
+        except WeightsError as e:
+            raise WeightsError(f"{loaded.origin} does not fit {cfg.model}: {e}") from None
+        if cfg.num_classes is not None and model.num_classes != cfg.num_classes:
+            raise WeightsError(f"{loaded.origin} has a {model.num_classes}-class head but the config says "
+                               f"num_classes {cfg.num_classes}")
+        dc, names = loaded.data_config(spec, model.cfg.img_size), loaded.class_names
     # without a checkpoint's record, the recipe's (YAML) values count as well as the command line's
-    return model, _override_preprocessing(dc, cfg, lambda c, k: k in c.sources)
+    return model.eval(), _override_preprocessing(dc, cfg, lambda c, k: k in c.sources), names
 
 
 def check_fit(model: torch.nn.Module, ds: Any, class_names: list[str] | None, source: str) -> None:
@@ -247,16 +253,18 @@ def run_validate(argv: list[str]) -> dict[str, Any]:
     if opts.use_ema and ckpt is None:
         raise WeightsError("--use_ema needs a vitkit checkpoint in --ckpt_path (other weights carry no EMA copy)")
     with distributed_session(cfg) as info:
+        ds = build_dataset(cfg, cfg.val_split, train=False)
         if ckpt is not None:
             model, dc, class_names = model_from_checkpoint(cfg, ckpt, opts.use_ema)
             source, model_name = str(ckpt.path), ckpt.model_name
         else:
             weights = cfg.ckpt_path or cfg.pretrained
-            model, dc = model_from_weights(cfg, weights, opts.allow_random)
-            class_names, source, model_name = None, str(weights or "random weights"), cfg.model
+            classes = getattr(ds, "classes", None)
+            model, dc, class_names = model_from_weights(cfg, weights, opts.allow_random,
+                                                        len(classes) if classes else None)
+            source, model_name = str(weights or "random weights"), cfg.model
         if dc.input_size != model.cfg.img_size:  # evaluate at another resolution, as timm's --img-size
             model.set_input_size(dc.input_size)
-        ds = build_dataset(cfg, cfg.val_split, train=False)
         check_fit(model, ds, class_names, source)
         loader = build_loader(cfg, ds, train=False, data_config=dc, rank=info.rank, world_size=info.world_size)
         precision = resolve_precision(cfg, info.device)
