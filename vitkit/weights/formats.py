@@ -369,8 +369,9 @@ def _torch_load(path: Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-        raise WeightsError(f"{path} refused: it holds pickled Python objects beyond plain tensors ({first[:200]}). "
+        lines = [ln.strip() for ln in str(e).splitlines() if "Unsupported" in ln or "global" in ln.lower()]
+        what = lines[0][:200] if lines else type(e).__name__
+        raise WeightsError(f"{path} refused: it holds pickled Python objects beyond plain tensors ({what}). "
                            f"vitkit never unpickles code from a weights file; re-save only the state dict "
                            f"(torch.save(model.state_dict(), ...)) or use safetensors") from None
     except (RuntimeError, OSError, EOFError, ValueError) as e:
