@@ -93,7 +93,7 @@ def test_decompression_bomb_is_refused_from_its_header(tmp_path: Path, capsys: p
     Image.new("1", (8000, 6000)).save(big)  # 48 Mpx of zeros: a few KB on disk
     assert 8000 * 6000 > DEFAULT_MAX_PIXELS
     code, results, _ = run_json([str(ckpt), str(big)], capsys)
-    assert code == 1 and "8000x6000" in results[0]["error"] and "limit" in results[0]["error"]
+    assert code == 1 and "8000x6000 = 48000000 pixels" in results[0]["error"] and "limit" in results[0]["error"]
 
 
 def test_table_and_csv_formats(tmp_path: Path, images: Path, capsys: pytest.CaptureFixture) -> None:

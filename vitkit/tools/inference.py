@@ -57,13 +57,14 @@ def image_to_tensor(data: bytes | str | Path, transform: Callable[[Image.Image],
             img = Image.open(io.BytesIO(data))  # reads the header only
             width, height = img.size
             if width * height > max_pixels:
-                raise ImageError(f"image is {width}x{height} = {width * height:,} pixels, above the limit of "
+                raise ImageError(f"image is {width}x{height} = {width * height} pixels, above the limit of "
                                  f"{max_pixels:,}; downscale it first", "too_large")
             return transform(img)
     except ImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ImageError(f"image refused as a decompression bomb: {e}", "too_large") from None
+        # PIL's own guard (above 2x Image.MAX_IMAGE_PIXELS) fires in open(), before our check can
+        raise ImageError(f"image refused before decoding, a possible decompression bomb: {e}", "too_large") from None
     except UnidentifiedImageError:
         raise ImageError("not an image (unrecognised format); send JPEG, PNG, WebP, BMP, GIF or TIFF bytes",
                          "unsupported") from None
