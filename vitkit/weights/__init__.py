@@ -220,7 +220,9 @@ def load_pretrained(model: VisionTransformer, name: str | None, pretrained: bool
     """
     weights = load_weights(pretrained, model_name=name)
     have = model.cfg.to_dict()
-    wrong = {k: v for k, v in weights.arch.items() if k != "num_classes" and k in have and have[k] != v}
+    # init_values only switches layer scale on (the loaded gammas replace it), so only its truthiness counts.
+    wrong = {k: v for k, v in weights.arch.items() if k != "num_classes" and k in have
+             and (bool(have[k]) != bool(v) if k == "init_values" else have[k] != v)}
     if wrong:
         diffs = ", ".join(f"{k}={v!r} (model has {have[k]!r})" for k, v in sorted(wrong.items()))
         raise WeightsError(f"{weights.origin} implies {diffs}; build the model with create_model(name, "
