@@ -8,6 +8,7 @@ its multi-tensor (foreach) kernels elsewhere.
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Iterable
 
 import torch
@@ -113,13 +114,13 @@ class Lamb(torch.optim.Optimizer):
                 m, v = state["exp_avg"], state["exp_avg_sq"]
                 m.lerp_(p.grad, 1 - beta1)
                 v.mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
-                update = (m / (1 - beta1**t)) / ((v / (1 - beta2**t)).sqrt_().add_(group["eps"]))
-                trust = 1.0
+                denom = (v.sqrt() / math.sqrt(1 - beta2**t)).add_(group["eps"])
+                update = (m / (1 - beta1**t)) / denom
                 if group["weight_decay"] != 0:
                     update.add_(p, alpha=group["weight_decay"])
                     w_norm, u_norm = p.norm(), update.norm()
-                    trust = torch.where((w_norm > 0) & (u_norm > 0), w_norm / u_norm, torch.ones_like(w_norm))
-                p.sub_(update * (group["lr"] * trust))
+                    update.mul_(torch.where((w_norm > 0) & (u_norm > 0), w_norm / u_norm, torch.ones_like(w_norm)))
+                p.add_(update, alpha=-group["lr"])
         return loss
 
 

@@ -87,8 +87,9 @@ class CheckpointSaver:
 
     def save(self, write: Callable[[Path], None], *, epoch: int, step: int, val_top1: Optional[float],
              keep_epoch: bool) -> Path:
-        """`write(path)` writes a checkpoint pair atomically; this calls it for `last`, then links the epoch
-        and best files. Returns the path of `last`."""
+        """`write(path)` writes a checkpoint pair atomically (a new file replacing the name, as `atomic_write`
+        does; never in place, which would change the linked epoch and best files too). This calls it for
+        `last`, then links the epoch and best files. Returns the path of `last`."""
         write(self.last)
         if keep_epoch:
             name = f"{self.model_name}-e{epoch:04d}.safetensors"
