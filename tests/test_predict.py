@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -18,7 +20,8 @@ from vitkit.data.preprocess import DataConfig
 from vitkit.data.transforms import build_transform
 from vitkit.engine.checkpoint import save_checkpoint
 from vitkit.models import create_model, get_spec
-from vitkit.tools.inference import DEFAULT_MAX_PIXELS, default_class_names, imagenet_class_names
+from vitkit.tools.inference import (DEFAULT_MAX_PIXELS, ImageError, default_class_names, image_to_tensor,
+                                    imagenet_class_names)
 
 REPO = Path(__file__).resolve().parents[1]
 CIFAR = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -117,3 +120,36 @@ def test_class_names_checkpoint_first_then_imagenet(tmp_path: Path, images: Path
     ckpt = checkpoint(tmp_path / "own.safetensors", num_classes=1000, class_names=own)
     _, results, _ = run_json([str(ckpt), str(images / "cat.jpg")], capsys)
     assert all(p["label"] == own[p["index"]] for p in results[0]["predictions"])
+
+
+JPEG = (REPO / "data/cifar10_sample/test/cat/0001.jpg").read_bytes()
+
+
+def _png_bytes() -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (20, 12), (200, 10, 90)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(base=st.sampled_from([JPEG, _png_bytes(), b""]), cuts=st.lists(st.integers(0, 4000), max_size=3),
+       flips=st.lists(st.tuples(st.integers(0, 4000), st.integers(0, 255)), max_size=8), junk=st.binary(max_size=64))
+def test_fuzzed_image_bytes_give_a_tensor_or_a_clear_image_error(base: bytes, cuts: list[int],
+                                                                  flips: list[tuple[int, int]], junk: bytes) -> None:
+    """Damaged JPEG/PNG bytes (bytes flipped, cut short, junk appended) never crash the decoding path."""
+    data = bytearray(base)
+    for pos, value in flips:
+        if data:
+            data[pos % len(data)] = value
+    for cut in cuts:
+        data = data[: cut % (len(data) + 1)]
+    data += junk
+    spec = get_spec("vit_n_4_32")
+    transform = build_transform(DataConfig(32, spec.mean, spec.std, spec.interpolation, spec.crop_pct), None,
+                                train=False)
+    try:
+        x = image_to_tensor(bytes(data), transform)
+    except ImageError as e:
+        assert e.reason in ("empty", "unsupported", "corrupt", "too_large") and str(e)
+    else:
+        assert x.shape == (3, 32, 32) and torch.isfinite(x).all()

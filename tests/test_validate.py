@@ -156,3 +156,25 @@ def test_root_validate_py_runs_the_seed_command(data: Path, tmp_path: Path) -> N
     assert proc.returncode == 0, proc.stderr
     result = json.loads(out.read_text())
     assert result["num_images"] == 60 and set(result) >= {"top1", "top5", "loss", "num_images"}
+
+
+def test_use_ema_evaluates_the_ema_weights(data: Path, tmp_path: Path) -> None:
+    from vitkit.data import build_dataset, build_loader
+    from vitkit.engine.config import load_config
+    from vitkit.engine.evaluate import evaluate
+
+    torch.manual_seed(0)
+    model, ema = create_model("vit_n_4_32", depth=2), create_model("vit_n_4_32", depth=2)
+    spec = get_spec("vit_n_4_32")
+    dc = DataConfig(32, spec.mean, spec.std, spec.interpolation, spec.crop_pct)
+    ckpt = save_checkpoint(tmp_path / "ema.safetensors", model, model_name="vit_n_4_32", data_config=dc,
+                           class_names=CLASSES, ema_model=ema)
+    args = ["--data_dir", str(data), *DATA_ARGS]
+    cfg = load_config(args)
+    ds = build_dataset(cfg, "test", train=False)
+    want = {name: evaluate(m.eval(), build_loader(cfg, ds, train=False, data_config=dc), device="cpu")
+            for name, m in (("raw", model), ("ema", ema))}
+    assert want["raw"]["loss"] != want["ema"]["loss"]
+    for use_ema, name in ((False, "raw"), (True, "ema")):
+        got = run_validate(["--ckpt_path", str(ckpt), *args] + (["--use_ema"] if use_ema else []))
+        assert (got["top1"], got["loss"]) == (want[name]["top1"], want[name]["loss"])
