@@ -62,7 +62,7 @@ def tiny_data(n: int, seed: int) -> ArrayDataset:
 def build_model(cfg: Config, info: D.DistInfo) -> torch.nn.Module:
     D.seed_for_init(cfg)
     model = create_model(MODEL, depth=2, num_classes=10).to(info.device)
-    return D.wrap_model(model, info, cfg)
+    return D.wrap_model(model, cfg, info.device)
 
 
 def train_steps(cfg: Config, info: D.DistInfo, steps: int = STEPS, *, model: Any = None, opt: Any = None,
@@ -107,11 +107,13 @@ def save_run(path: Path, cfg: Config, model: torch.nn.Module, opt: torch.optim.O
 # -- scenarios: each runs on every rank and leaves rank 0's findings in OUT_DIR ------------------------------
 
 def scenario_train(out: Path) -> None:
-    """DDP with and without gradient accumulation, FSDP; FSDP writes a gathered checkpoint, then resumes a
-    single-process checkpoint (out/single.safetensors, written by the test) for one more step."""
+    """Evaluation and collectives (as `scenario_eval`), then DDP with and without gradient accumulation, and
+    FSDP; FSDP writes a gathered checkpoint, then resumes a single-process checkpoint
+    (out/single.safetensors, written by the test) for one more step."""
     from vitkit.engine.checkpoint import load_checkpoint, load_train_state
 
     with D.distributed_session(tiny_cfg(distribute=True)) as info:
+        _eval_and_collectives(tiny_cfg(distribute=True), info, out)
         results: dict[str, Any] = {}
         for name, overrides in {"ddp": {}, "ddp_accum2": {"gradient_accumulation_steps": 2},
                                 "fsdp": {"fsdp": True}}.items():
@@ -133,22 +135,26 @@ def scenario_train(out: Path) -> None:
             torch.save(results, out / "train.pt")
 
 
+def _eval_and_collectives(cfg: Config, info: D.DistInfo, out: Path) -> None:
+    model = build_model(cfg, info)
+    result = evaluate(model, eval_loader(cfg, info), device=info.device, collect=True)
+    shard = len(eval_loader(cfg, info).plan.epoch(0)[0])
+    facts = {
+        "info": D.gather_objects((info.rank, info.world_size, info.local_rank, info.is_main, str(info.device))),
+        "shards": D.gather_objects(shard),
+        "rank_sum": D.all_reduce_sum(torch.tensor([info.rank + 1.0])).item(),
+        "broadcast": D.broadcast_object({"from": info.rank}),
+        "master": (os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"]),
+    }
+    if info.is_main:
+        torch.save({"result": result, **facts}, out / "eval.pt")
+
+
 def scenario_eval(out: Path) -> None:
     """Distributed evaluation of a fixed model on EVAL_IMAGES images, plus the small collectives."""
     cfg = tiny_cfg(distribute=True)
     with D.distributed_session(cfg) as info:
-        model = build_model(cfg, info)
-        result = evaluate(model, eval_loader(cfg, info), device=info.device, collect=True)
-        shard = len(eval_loader(cfg, info).plan.epoch(0)[0])
-        facts = {
-            "info": D.gather_objects((info.rank, info.world_size, info.local_rank, info.is_main, str(info.device))),
-            "shards": D.gather_objects(shard),
-            "rank_sum": D.all_reduce_sum(torch.tensor([info.rank + 1.0])).item(),
-            "broadcast": D.broadcast_object({"from": info.rank}),
-            "master": (os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"]),
-        }
-        if info.is_main:
-            torch.save({"result": result, **facts}, out / "eval.pt")
+        _eval_and_collectives(cfg, info, out)
 
 
 SCENARIOS: dict[str, Callable[[Path], None]] = {"train": scenario_train, "eval": scenario_eval}

@@ -27,7 +27,7 @@ import os
 import random
 import sys
 from dataclasses import dataclass
-from typing import Any, Iterator, Mapping, Optional
+from typing import Any, Iterable, Iterator, Mapping, Optional
 
 import numpy as np
 import torch
@@ -265,14 +265,17 @@ def apply_global_batch(cfg: Any, world_size: int) -> int:
 
 # -- model wrapping ------------------------------------------------------------------------------------------------
 
-def wrap_model(model: nn.Module, info: DistInfo, cfg: Any) -> nn.Module:
+def wrap_model(model: nn.Module, cfg: Any, device: torch.device) -> nn.Module:
     """DDP by default; FSDP2 (`fully_shard` on each transformer block, then the root) with `cfg.fsdp`.
 
-    The model must already be on `info.device` with its starting weights loaded. Build the optimizer after
+    The model must already be on `device` with its starting weights loaded. Build the optimizer after
     wrapping (FSDP replaces parameters by sharded ones), from `unwrap_model(model)` so parameter names
-    carry no wrapper prefix. A single process gets the model back unchanged.
+    carry no wrapper prefix. Without a process group the model comes back unchanged.
     """
-    if not info.distributed:
+    if cfg.fsdp and getattr(cfg, "ema", False):
+        raise ConfigError("fsdp: true with ema: true is not supported (the EMA copy would be a full, unsharded "
+                          "model on every process); drop one of them")
+    if not dist_ready():
         if cfg.fsdp:
             print0("note: fsdp has nothing to shard in a single process; training unsharded")
         return model
@@ -289,8 +292,7 @@ def wrap_model(model: nn.Module, info: DistInfo, cfg: Any) -> nn.Module:
         return model
     from torch.nn.parallel import DistributedDataParallel
 
-    device_ids = [info.device.index] if info.device.type == "cuda" else None
-    return DistributedDataParallel(model, device_ids=device_ids)
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -335,6 +337,48 @@ def _fsdp_no_sync(model: nn.Module) -> Iterator[None]:
         yield
     finally:
         model.set_requires_gradient_sync(True)  # type: ignore[operator]
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """A plain tensor from a DTensor (FSDP's gradient norm, say); other tensors as they are."""
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def mean_across_ranks(t: torch.Tensor) -> torch.Tensor:
+    """The mean of `t` over all ranks (a copy), e.g. the step's loss, so every rank sees the same value and
+    takes the same decision on a non-finite loss."""
+    return all_reduce_sum(t.detach().clone()) / get_world_size()
+
+
+def even_batches(loader: Iterable[Any], image_shape: tuple[int, ...]) -> Iterator[Any]:
+    """Evaluation batches padded with *empty* batches so every rank runs the same number of forwards.
+
+    Under FSDP every forward is a collective (it all-gathers parameters), but exact evaluation shards do not
+    pad, so ranks may hold different numbers of batches; a rank that runs out forwards batches of zero
+    images, which add nothing to any count."""
+    n = torch.tensor([len(loader)], dtype=torch.float64)  # type: ignore[arg-type]
+    if dist_ready():
+        dist.all_reduce(n, op=dist.ReduceOp.MAX)
+    done = 0
+    for batch in loader:
+        done += 1
+        yield batch
+    for _ in range(int(n.item()) - done):
+        yield torch.zeros((0, *image_shape)), torch.zeros(0, dtype=torch.long)
+
+
+def restore_rank_rng(states: list[dict[str, Any]], rank: int, seed: int) -> None:
+    """Continue this rank's random stream (dropout, drop path) from a checkpoint's per-rank RNG states
+    (`gather_objects(rng_state())` at save time). A rank that did not exist when the checkpoint was written
+    starts a fresh stream of its own (seed + rank) rather than copying another rank's."""
+    from vitkit.engine.saver import set_rng_state
+
+    if rank < len(states):
+        set_rng_state(states[rank])
+    else:
+        seed_all(seed + rank)
 
 
 # -- gathered state dicts: what rank 0 writes, loadable by any number of processes ------------------------------

@@ -24,6 +24,7 @@ from torch import nn
 from vitkit.data import build_dataset, build_loader, build_mixup, resolve_data_config
 from vitkit.engine.checkpoint import load_checkpoint, load_train_state, save_checkpoint
 from vitkit.engine.config import Config
+from vitkit.engine import distributed as D
 from vitkit.engine.ema import ModelEMA
 from vitkit.engine.evaluate import evaluate
 from vitkit.engine.loss import classification_loss
@@ -87,9 +88,9 @@ class Trainer:
     """Builds data, model, optimizer, schedule, precision and bookkeeping from `cfg`; `fit()` runs them."""
 
     def __init__(self, cfg: Config, *, argv: Optional[Sequence[str]] = None, rank: int = 0, world_size: int = 1,
-                 monitor: Optional[Monitor] = None):
+                 device: Optional[torch.device] = None, monitor: Optional[Monitor] = None):
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
-        self.device = pick_device(cfg.device)
+        self.device = device or pick_device(cfg.device)  # several processes: cuda:local_rank or cpu
         seed_everything(cfg.seed, cfg.deterministic)
         if self.device.type == "cuda" and not cfg.deterministic:
             torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls: fp32 accuracy for training, ~8x speed
@@ -150,9 +151,14 @@ class Trainer:
             self.monitor.print(self.precision.notice)
         self.model.to(self.device, dtype=self.precision.param_dtype)
         self.ema = ModelEMA(self.model, cfg.ema_decay) if cfg.ema else None
+        # DDP (or FSDP, which shards self.model in place) over all processes; a single process is unwrapped.
+        # Same seed for the init above on every rank; from here each rank draws its own dropout/drop path.
+        wrapped = D.wrap_model(self.model, cfg, self.device)
+        if self.world_size > 1:
+            D.seed_for_augmentation(cfg, self.rank)
         self.optimizer = create_optimizer(self.model, cfg, self.device)
         self.schedule = build_schedule(cfg, self.steps_per_epoch)
-        self.train_model: nn.Module = torch.compile(self.model) if cfg.compile else self.model
+        self.train_model: nn.Module = torch.compile(wrapped) if cfg.compile else wrapped
 
     # -- position ---------------------------------------------------------------------------------------
     @property
@@ -170,27 +176,36 @@ class Trainer:
         return min(self.total_steps, self.cfg.max_steps or self.total_steps)
 
     # -- checkpoints ------------------------------------------------------------------------------------
-    def train_state(self) -> dict[str, Any]:
-        """Everything besides the weights that resuming needs; plain values and tensors only."""
+    def train_state(self, optimizer_state: Optional[dict[str, Any]] = None,
+                    rng_ranks: Optional[list[dict[str, Any]]] = None) -> dict[str, Any]:
+        """Everything besides the weights that resuming needs; plain values and tensors only. Distributed
+        runs pass the gathered optimizer state and every rank's RNG state (`save`)."""
         return {
             "format": "vitkit-train-state", "version": 1,
             "step": self.step, "epoch": self.epoch, "steps_per_epoch": self.steps_per_epoch,
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": optimizer_state if optimizer_state is not None else self.optimizer.state_dict(),
             "scaler": self.precision.scaler.state_dict() if self.precision.scaler.is_enabled() else {},
             "schedule": {"lr_factor": self.lr_factor, "name": self.schedule.name},
             "rollbacks": self.rollbacks, "epoch_meter": dict(self.epoch_meter),
             "rng": rng_state(),
+            **({"rng_ranks": rng_ranks} if rng_ranks is not None else {}),
         }
 
-    def _write(self, path: Path) -> None:
-        save_checkpoint(path, self.model, model_name=self.cfg.model, data_config=self.data_config,
+    def _write(self, path: Path, model: Optional[nn.Module] = None, train_state: Optional[dict] = None) -> None:
+        save_checkpoint(path, model or self.model, model_name=self.cfg.model, data_config=self.data_config,
                         class_names=self.class_names, config=self.cfg.to_dict(),
                         ema_model=self.ema.module if self.ema else None, epoch=self.epoch, step=self.step,
-                        metrics=self.last_metrics, train_state=self.train_state())
+                        metrics=self.last_metrics, train_state=train_state or self.train_state())
 
     def save(self, *, keep_epoch: bool, val_top1: Optional[float] = None) -> Optional[Path]:
-        if self.rank != 0:
-            return None
+        if self.world_size > 1:  # every rank gathers (collectives under FSDP); rank 0 alone writes full tensors
+            model = D.gathered_model(self.train_model)
+            state = self.train_state(D.optimizer_state_dict(self.train_model, self.optimizer),
+                                     D.gather_objects(rng_state()))
+            if self.rank != 0:
+                return None
+            return self.saver.save(lambda path: self._write(path, model, state), epoch=self.epoch, step=self.step,
+                                   val_top1=val_top1, keep_epoch=keep_epoch)
         return self.saver.save(self._write, epoch=self.epoch, step=self.step, val_top1=val_top1,
                                keep_epoch=keep_epoch)
 
@@ -207,13 +222,13 @@ class Trainer:
             raise VitkitError(f"{path} was written with {state['steps_per_epoch']} steps per epoch, this run has "
                               f"{self.steps_per_epoch}: resuming exactly needs the same data, batch_size, "
                               f"gradient_accumulation_steps and number of processes")
-        self.model.load_state_dict({k: v.to(self.precision.param_dtype) if v.is_floating_point() else v
-                                    for k, v in ckpt.state_dict.items()})
+        D.load_model_state_dict(self.train_model, {k: v.to(self.precision.param_dtype) if v.is_floating_point()
+                                                   else v for k, v in ckpt.state_dict.items()})
         if self.ema is not None:
             if ckpt.ema_state_dict is None:
                 raise VitkitError(f"{path} has no EMA weights but this run has ema: true")
             self.ema.load_state_dict(ckpt.ema_state_dict)
-        self.optimizer.load_state_dict(state["optimizer"])
+        D.load_optimizer_state_dict(self.train_model, self.optimizer, state["optimizer"])
         if state["scaler"]:
             self.precision.scaler.load_state_dict(state["scaler"])
         self.step = int(state["step"])
@@ -221,7 +236,10 @@ class Trainer:
         self.rollbacks = int(state["rollbacks"])
         self.epoch_meter = dict(state["epoch_meter"])
         self.last_metrics = dict(ckpt.metrics)
-        set_rng_state(state["rng"])
+        if self.world_size > 1:  # each rank its own stream; any number of processes can resume
+            D.restore_rank_rng(state.get("rng_ranks") or [state["rng"]], self.rank, self.cfg.seed)
+        else:
+            set_rng_state(state["rng"])
         self.saver.forget_after(self.step)
         self.monitor.truncate_metrics(self.epoch)
 
@@ -254,7 +272,9 @@ class Trainer:
         grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
         if cfg.clip_grad:
             torch.nn.utils.clip_grads_with_norm_(params, cfg.clip_value, grad_norm)
-        loss_value, norm_value = torch.stack([total / len(batches), grad_norm.float()]).tolist()
+        # The mean loss over ranks, so every rank logs it and takes the same non-finite decision.
+        loss_value, norm_value = torch.stack([D.mean_across_ranks(total / len(batches)),
+                                              D.full_tensor(grad_norm).float()]).tolist()
         if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
             self.skipped += 1
             if not scaler.is_enabled() or self.skipped >= MAX_SKIPPED_STEPS:
@@ -272,10 +292,8 @@ class Trainer:
         return loss_value, norm_value
 
     def _no_sync(self, sync: bool) -> contextlib.AbstractContextManager:
-        """Under DDP, skip the gradient all-reduce on all but the last micro-batch of an accumulation."""
-        if not sync and hasattr(self.train_model, "no_sync"):
-            return self.train_model.no_sync()
-        return contextlib.nullcontext()
+        """Under DDP/FSDP, skip the gradient all-reduce on all but the last micro-batch of an accumulation."""
+        return D.grad_sync(self.train_model, sync)
 
     # -- epochs -----------------------------------------------------------------------------------------
     def _batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -327,9 +345,12 @@ class Trainer:
         assert self.val_loader is not None
         out: dict[str, Any] = {}
         models = [("", self.model)] + ([("_ema", self.ema.module)] if self.ema else [])
+        loader: Any = self.val_loader
+        if D.is_fsdp(self.model):  # every FSDP forward is a collective: ranks must run as many
+            loader = D.even_batches(loader, (self.model.cfg.in_chans, self.cfg.image_resize, self.cfg.image_resize))
         for suffix, model in models:
             with torch.random.fork_rng(devices=[]):
-                r = evaluate(model, self.val_loader, device=self.device, amp_dtype=self.precision.eval_dtype,
+                r = evaluate(model, loader, device=self.device, amp_dtype=self.precision.eval_dtype,
                              num_classes=self.num_classes)
             out.update({f"val_top1{suffix}": r["top1"], f"val_top5{suffix}": r["top5"], f"val_loss{suffix}": r["loss"]})
         out["val_images"] = r["num_images"]

@@ -62,14 +62,19 @@ def build_config(argv: Sequence[str], notices: list[str]):  # -> Config
 
 def run(argv: Sequence[str]) -> dict[str, Any]:
     """Train from command-line style arguments; returns the last epoch's metrics."""
+    from vitkit.engine.distributed import apply_global_batch, distributed_session, print0
     from vitkit.engine.loop import Trainer, apply_smoke
 
     notices: list[str] = []
     cfg = build_config(argv, notices)
-    for note in notices:
-        print(note, file=sys.stderr)
     apply_smoke(cfg)
-    return Trainer(cfg, argv=["vitkit", "train", *argv]).fit()
+    # torchrun / mpirun: one process per device, torn down on exit and on errors (vitkit.engine.distributed)
+    with distributed_session(cfg) as dist:
+        for note in notices:
+            print0(note, file=sys.stderr)
+        apply_global_batch(cfg, dist.world_size)
+        return Trainer(cfg, argv=["vitkit", "train", *argv], rank=dist.rank, world_size=dist.world_size,
+                       device=dist.device).fit()
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
