@@ -19,7 +19,19 @@ from vitkit.engine.saver import CheckpointSaver
 from vitkit.engine.train import run
 from vitkit.errors import VitkitError
 
-SAMPLE = Path(__file__).resolve().parents[1] / "data" / "cifar10_sample"
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE = ROOT / "data" / "cifar10_sample"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One intra-op thread: the runs here are tiny, and 2 spinning OpenMP threads on a shared 2-core machine
+    (or next to another pytest-xdist worker) run 3x slower than one."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +49,8 @@ def tiny_data(tmp_path_factory) -> Path:
 def tiny_args(data: Path, run_dir: Path, *extra: str) -> list[str]:
     return ["--model", "vit_n_4_32", "--dataset", "imagefolder", "--data_dir", str(data), "--val_split", "test",
             "--image_resize", "32", "--batch_size", "16", "--num_parallel_workers", "0", "--epoch_size", "2",
-            "--warmup_epochs", "1", "--lr", "1e-3", "--ckpt_save_dir", str(run_dir), "--log_interval", "1", *extra]
+            "--warmup_epochs", "1", "--lr", "1e-3", "--ckpt_save_dir", str(run_dir), "--log_interval", "1",
+            "--no-val_while_train", *extra]
 
 
 def weights_and_state(path: Path) -> tuple[dict, dict, dict]:
@@ -179,7 +192,7 @@ def test_amp_levels_on_cpu():
 
 
 def test_smoke_shrinks_any_recipe():
-    cfg = load_config(["-c", "configs/vit/vit_b32_224.yaml", "--smoke"], notices=[])
+    cfg = load_config(["-c", str(ROOT / "configs/vit/vit_b32_224.yaml"), "--smoke"], notices=[])
     apply_smoke(cfg)
     assert (cfg.epoch_size, cfg.batch_size, cfg.num_samples) == (2, 8, 32)
     assert cfg.warmup_epochs == pytest.approx(0.2) and cfg.decay_epochs == pytest.approx(1.8)

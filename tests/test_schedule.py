@@ -7,12 +7,15 @@ builders: warmup list of `steps_per_epoch * warmup_epochs` values, then the main
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from bisect import bisect_right
 
 import pytest
 
 from vitkit.engine.config import load_config
 from vitkit.engine.schedule import build_schedule
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def mindcv_lrs(scheduler, *, spe, lr, min_lr, warmup_epochs, warmup_factor, decay_epochs, decay_rate, milestones,
@@ -81,7 +84,7 @@ def test_schedule_equals_mindcv(scheduler, extra, stair):
 
 def test_vit_b32_recipe_schedule_points():
     """MindCV's vit_b32_224_ascend numbers: 1.6e-3 peak, warmup from 1.6e-5 over 30 epochs, cosine to 0."""
-    cfg = load_config(["-c", "configs/vit/vit_b32_224.yaml"], notices=[])
+    cfg = load_config(["-c", str(ROOT / "configs/vit/vit_b32_224.yaml")], notices=[])
     spe = 312  # 1,281,167 images // (512 x 8)
     s = build_schedule(cfg, spe)
     assert s(0) == pytest.approx(1.6e-5)
