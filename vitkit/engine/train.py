@@ -36,7 +36,8 @@ def _checkpoint_defaults(argv: Sequence[str]) -> Optional[tuple[dict[str, Any], 
     if not meta or "config" not in meta:
         return None  # the Trainer reports the missing or foreign checkpoint
     saved = json.loads(meta["config"])
-    saved.pop("resume", None)
+    for key in ("resume", "max_steps"):  # where that invocation stopped, not part of the recipe
+        saved.pop(key, None)
     return saved, f"checkpoint:{path}"
 
 
