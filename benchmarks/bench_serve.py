@@ -1,6 +1,6 @@
 """Load test of `vitkit serve` on loopback: a bounded number of requests from concurrent clients.
 
-  .venv/bin/python benchmarks/bench_serve.py                       # a seeded vit_n_4_32 checkpoint, made here
+  .venv/bin/python benchmarks/bench_serve.py        # a seeded vit_n_4_32 checkpoint and its ONNX export, made here
   .venv/bin/python benchmarks/bench_serve.py --source ckpt.safetensors --source model.onnx --requests 500
 
 Each source is served by `vitkit serve` in its own process (so the clients here do not share its GIL); after
@@ -15,6 +15,7 @@ import argparse
 import asyncio
 import os
 import platform
+import shlex
 import socket
 import subprocess
 import sys
@@ -36,18 +37,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def make_checkpoint(folder: Path) -> Path:
-    """A seeded vit_n_4_32 (the CIFAR-size model) checkpoint: the numbers measure serving, not accuracy."""
+def make_sources(folder: Path) -> list[str]:
+    """A seeded vit_n_4_32 (the CIFAR-size model) checkpoint and its ONNX export: the numbers measure serving,
+    not accuracy."""
     import torch
 
     from vitkit.data.preprocess import DataConfig
     from vitkit.engine.checkpoint import save_checkpoint
     from vitkit.models import create_model, get_spec
 
+    from vitkit.tools.export import run_export
+    from vitkit.tools.inference import load_inference_model
+
     torch.manual_seed(0)
     spec = get_spec("vit_n_4_32")
-    return save_checkpoint(folder / "vit_n_4_32.safetensors", create_model("vit_n_4_32"), model_name="vit_n_4_32",
+    ckpt = save_checkpoint(folder / "vit_n_4_32.safetensors", create_model("vit_n_4_32"), model_name="vit_n_4_32",
                            data_config=DataConfig(32, spec.mean, spec.std, spec.interpolation, spec.crop_pct))
+    onnx_path = folder / "vit_n_4_32.onnx"
+    run_export(load_inference_model(str(ckpt)), "onnx", onnx_path, check_folder=str(REPO / "data/cifar10_sample/test"))
+    return [str(ckpt), str(onnx_path)]
 
 
 async def load(url: str, bodies: list[bytes], requests: int, concurrency: int) -> tuple[list[float], int, float]:
@@ -135,7 +143,8 @@ def cpu_name() -> str:
 
 
 def write_report(path: Path, rows: list[dict[str, Any]], args: argparse.Namespace, note: str) -> None:
-    cmd = "python benchmarks/bench_serve.py " + " ".join(sys.argv[1:])
+    argv = [a for i, a in enumerate(sys.argv[1:]) if a != "--note" and (i == 0 or sys.argv[i] != "--note")]
+    cmd = shlex.join(["python", "benchmarks/bench_serve.py", *argv])  # the --note text is commentary, left out
     lines = [
         "# vitkit serve: load test on loopback (CPU)",
         "",
@@ -143,6 +152,7 @@ def write_report(path: Path, rows: list[dict[str, Any]], args: argparse.Namespac
         f"Date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC  ",
         f"Device: {cpu_name()}, {os.cpu_count()} logical CPUs, no GPU; server and clients on the same machine  ",
         f"Versions: {versions()}  ",
+        f"Load average (1 min) before / after: {args.load_before:.2f} / {os.getloadavg()[0]:.2f}  ",
         f"Load: {args.requests} POST /predict requests (after {args.warmup} warm-up) from {args.concurrency} "
         f"concurrent clients, JPEG bodies from data/cifar10_sample/test; server batching: up to "
         f"{args.max_batch_size} requests or {args.max_wait_ms} ms.",
@@ -171,10 +181,11 @@ def main() -> int:
     p.add_argument("--out", default=str(REPO / "benchmarks/results/serve_cpu.md"))
     p.add_argument("--note", default="", help="a line added to the report (e.g. machine load)")
     args = p.parse_args()
+    args.load_before = os.getloadavg()[0]  # the machine may be shared: record how busy it was
     files = sorted((REPO / "data/cifar10_sample/test").glob("*/000[0-9].jpg"))
     bodies = [f.read_bytes() for f in files]
     with tempfile.TemporaryDirectory() as tmp:
-        sources = args.source or [str(make_checkpoint(Path(tmp)))]
+        sources = args.source or make_sources(Path(tmp))
         rows = []
         for source in sources:
             row = bench_one(source, args, bodies)

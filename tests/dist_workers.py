@@ -116,6 +116,7 @@ def scenario_train(out: Path) -> None:
         _eval_and_collectives(tiny_cfg(distribute=True), info, out)
         results: dict[str, Any] = {}
         for name, overrides in {"ddp": {}, "ddp_accum2": {"gradient_accumulation_steps": 2},
+                                "fsdp_accum2": {"fsdp": True, "gradient_accumulation_steps": 2},
                                 "fsdp": {"fsdp": True}}.items():
             cfg = tiny_cfg(distribute=True, **overrides)
             model, opt = train_steps(cfg, info)
@@ -123,6 +124,9 @@ def scenario_train(out: Path) -> None:
             results[name + "_fsdp"] = D.is_fsdp(model)
             if name == "fsdp":
                 save_run(out / "fsdp.safetensors", cfg, model, opt)
+                # batch 11: the ranks hold 12 and 11 images, 2 and 1 batches; FSDP forwards are collectives
+                loader = eval_loader(tiny_cfg(batch_size=11), info)
+                results["fsdp_eval"] = evaluate(model, D.even_batches(loader, (3, 32, 32)), device=info.device)
                 # 1 -> 2 processes: resume the single-process checkpoint under FSDP, one more step.
                 ckpt = load_checkpoint(out / "single.safetensors")
                 model = build_model(cfg, info)

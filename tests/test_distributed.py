@@ -145,9 +145,11 @@ def test_ddp_two_processes_equal_one_process_with_twice_the_batch(train_run: tup
     assert max((init[k] - r["refs"]["ddp"][k]).abs().max().item() for k in init) > 1e-3
 
 
-def test_ddp_with_gradient_accumulation(train_run: tuple[Path, dict]) -> None:
+def test_ddp_and_fsdp_with_gradient_accumulation(train_run: tuple[Path, dict]) -> None:
     _, r = train_run
     assert_same_weights(r["dist"]["ddp_accum2"], r["refs"]["ddp_accum2"])
+    assert r["dist"]["fsdp_accum2_fsdp"]
+    assert_same_weights(r["dist"]["fsdp_accum2"], r["refs"]["ddp_accum2"])
 
 
 def test_fsdp_two_processes_equal_one_process(train_run: tuple[Path, dict]) -> None:
@@ -163,8 +165,11 @@ def test_fsdp_checkpoint_loads_in_one_process(train_run: tuple[Path, dict]) -> N
     assert_same_weights(ckpt.state_dict, r["refs"]["ddp"])
     cfg = W.tiny_cfg()
     model = ckpt.build_model()
-    result = evaluate(model, W.eval_loader(cfg, SINGLE), device="cpu")
-    assert result["num_images"] == W.EVAL_IMAGES
+    result = evaluate(model, W.eval_loader(W.tiny_cfg(batch_size=11), SINGLE), device="cpu")
+    sharded = r["dist"]["fsdp_eval"]  # evaluated under FSDP on 2 ranks with 2 and 1 batches
+    assert result["num_images"] == sharded["num_images"] == W.EVAL_IMAGES
+    assert (result["correct1"], result["correct5"]) == (sharded["correct1"], sharded["correct5"])
+    assert result["loss"] == pytest.approx(sharded["loss"], rel=1e-5)
     opt = create_optimizer(model, cfg)
     opt.load_state_dict(load_train_state(ckpt.path)["optimizer"])  # plain torch loading, no FSDP
     single = load_train_state(out / "single.safetensors")["optimizer"]
