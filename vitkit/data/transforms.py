@@ -121,8 +121,10 @@ def _color(cfg: Any, dc: DataConfig, size: int) -> list[Any]:
     if cfg.auto_augment:
         out.append(build_auto_augment(cfg.auto_augment, img_size=size, mean=dc.mean, interpolation=dc.interpolation))
     elif cfg.color_jitter:
-        j = float(cfg.color_jitter)
-        out.append(v2.ColorJitter(brightness=j, contrast=j, saturation=j))
+        # one strength for brightness/contrast/saturation, or a list of 3 (or 4 with hue), as timm and MindCV read it
+        j = cfg.color_jitter
+        strengths = tuple(float(v) for v in j) if isinstance(j, (list, tuple)) else (float(j),) * 3
+        out.append(v2.ColorJitter(*strengths))
     return out
 
 

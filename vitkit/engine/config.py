@@ -76,7 +76,9 @@ class Config:
     ratio: tuple[float, float] = _f((0.75, 1.333), "RandomResizedCrop aspect-ratio range", AUG)
     hflip: float = _f(0.5, "horizontal flip probability", AUG)
     vflip: float = _f(0.0, "vertical flip probability", AUG)
-    color_jitter: Optional[float] = _f(None, "brightness/contrast/saturation jitter strength", AUG)
+    # MindCV's ViT recipes write a list (`color_jitter: [0.4, 0.4, 0.4]`), as timm accepts: 3 or 4 strengths.
+    color_jitter: Optional[Union[float, tuple[float, float, float], tuple[float, float, float, float]]] = _f(
+        None, "jitter strength: one number for brightness/contrast/saturation, or a list of 3 (or 4, with hue)", AUG)
     interpolation: str = _f("bilinear", "resize interpolation", AUG,
                             choices=("bilinear", "bicubic", "nearest", "lanczos", "area"))
     auto_augment: Optional[str] = _f(None, "randaug-m9-mstd0.5, autoaug, autoaugr, trivialaugwide, augmix, 3a", AUG)
@@ -198,10 +200,14 @@ IGNORED_KEYS: dict[str, str] = {
     "aug_splits": "augmentation splits (AugMix JSD) are not supported; ignored",
     "num_parallel_workers_eval": "one worker setting covers both loaders",
     "eval_batch_size": "validation uses batch_size",
+    "eval_shuffle": "validation order does not change its metrics",
+    "aux_factor": "auxiliary-head loss weight of Inception-style models; ViTs have no auxiliary head",
+    "reduction": "the loss is always the batch mean",
 }
 # Old MindCV spellings mapped onto today's keys.
 RENAMED_KEYS: dict[str, tuple[str, Any]] = {
     "filter_bias_and_bn": ("weight_decay_filter", lambda v: "norm_and_bias" if v else "disable"),
+    "dynamic_loss_scale": ("loss_scale_type", lambda v: "dynamic" if v else "fixed"),
 }
 
 FIELDS = {f.name: f for f in fields(Config) if f.name != "sources"}
@@ -290,11 +296,16 @@ def _set(cfg: Config, key: str, value: Any, source: str, notices: list[str]) -> 
     cfg.sources[key] = source
 
 
-def _parse_cli_value(text: str) -> Any:
+def _parse_cli_value(text: str, key: str = "") -> Any:
+    """A YAML scalar or list (`1e-3`, `true`, `[0.4, 0.4, 0.4]`); a string key keeps the text as typed, so
+    `--val_split 2012` names the folder '2012' as it does with argparse (MindCV), not the integer 2012."""
     try:
-        return yaml.safe_load(text)
+        value = yaml.safe_load(text)
     except yaml.YAMLError:
         return text
+    if value is not None and not isinstance(value, str) and _HINTS.get(key) in (str, Optional[str]):
+        return text
+    return value
 
 
 def parse_cli(argv: Sequence[str]) -> tuple[Optional[str], list[tuple[str, Any]]]:
@@ -320,12 +331,12 @@ def parse_cli(argv: Sequence[str]) -> tuple[Optional[str], list[tuple[str, Any]]
         key = key.replace("-", "_")
         i += 1
         if inline or arg.endswith("="):
-            pairs.append((key, _parse_cli_value(inline)))
+            pairs.append((key, _parse_cli_value(inline, key)))
             continue
         values = []
         while i < len(argv) and not (argv[i].startswith("--") and len(argv[i]) > 2 and not _is_number(argv[i])) \
                 and argv[i] not in ("-c",):
-            values.append(_parse_cli_value(argv[i]))
+            values.append(_parse_cli_value(argv[i], key))
             i += 1
         if not values:
             if key.startswith("no_") and key[3:] in FIELDS:
