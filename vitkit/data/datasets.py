@@ -160,14 +160,19 @@ def _cifar(cfg: Any, root: Path, split: str, train: bool) -> Dataset:
 
     cls = tvd.CIFAR10 if cfg.dataset == "cifar10" else tvd.CIFAR100
     is_train_split = split == cfg.train_split if train else split in ("train", cfg.train_split)
-    if (root / CIFAR_DIRS[cfg.dataset]).is_dir() or cfg.dataset_download:
+    python_format = (root / CIFAR_DIRS[cfg.dataset]).is_dir()
+    if not python_format and (root / split).is_dir():  # a local JPEG copy: nothing to download
+        return scan_image_folder(root / split)
+    if python_format or cfg.dataset_download:
         try:
             tv = cls(str(root), train=is_train_split, download=bool(cfg.dataset_download))
         except RuntimeError as e:  # torchvision: "Dataset not found or corrupted"
             raise DataError(f"{cfg.dataset} in {root}: {e}; delete it and pass --dataset_download") from None
+        except OSError as e:  # the download itself: no network (URLError), refused, or a full disk
+            raise DataError(f"could not download {cfg.dataset} into {root} ({getattr(e, 'reason', None) or e}); "
+                            f"without a network, put a copy there ({CIFAR_DIRS[cfg.dataset]}/ in python format, "
+                            f"or {cfg.train_split}/<class>/*.jpg) and drop --dataset_download") from None
         return ArrayDataset(torch.from_numpy(tv.data), tv.targets, list(tv.classes))
-    if (root / split).is_dir():
-        return scan_image_folder(root / split)
     raise DataError(f"no {cfg.dataset} in {root}: expected {CIFAR_DIRS[cfg.dataset]}/ (python format) or "
                     f"{split}/<class>/*.jpg; pass --dataset_download to download it")
 

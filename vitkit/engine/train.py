@@ -1,7 +1,8 @@
 """`vitkit train -c CONFIG [--key value ...]` (and `python train.py ...` at the repository root).
 
 defaults <- YAML <- command line -> one validated Config -> `Trainer(cfg).fit()`. With no config at all the
-built-in demo recipe runs (a small ViT on the CIFAR-10 sample shipped in `data/`). `--resume` without `-c`
+built-in demo recipe runs (a small ViT on the CIFAR-10 sample shipped in `data/`); a command that names its own
+--data_dir or --dataset starts from the schema's (MindCV's) defaults instead. `--resume` without `-c`
 takes the run's config from the checkpoint itself.
 """
 from __future__ import annotations
@@ -17,9 +18,10 @@ from vitkit.errors import VitkitError
 USAGE = """usage: vitkit train [-c CONFIG.yaml] [--key value ...]
 
 Train or finetune from a recipe (configs/vit/*.yaml); any key can be overridden on the command line
-(--lr 0.001, --lr=0.001, bare --pretrained for true, --no-ema for false). With no config, the built-in demo
-recipe trains a small ViT on the bundled CIFAR-10 sample. --resume (true or a checkpoint path) continues a run
-exactly where it stopped; --smoke shrinks any recipe to a few steps on a few images."""
+(--lr 0.001, --lr=0.001, bare --pretrained for true, --no-ema for false). With neither a config nor
+--data_dir/--dataset, the built-in demo recipe trains a small ViT on the bundled CIFAR-10 sample. --resume
+(true or a checkpoint path) continues a run exactly where it stopped; --smoke shrinks any recipe to a few
+steps on a few images."""
 
 
 def _checkpoint_defaults(argv: Sequence[str]) -> Optional[tuple[dict[str, Any], str]]:
@@ -42,14 +44,18 @@ def _checkpoint_defaults(argv: Sequence[str]) -> Optional[tuple[dict[str, Any], 
 
 
 def build_config(argv: Sequence[str], notices: list[str]):  # -> Config
-    """The run's config: from -c, from the resumed checkpoint, or the demo recipe when nothing is given."""
+    """The run's config: from -c, from the resumed checkpoint, or the demo recipe when neither a config nor
+    data (--data_dir / --dataset) is given."""
     from vitkit.engine.demo import DEMO_RECIPE
 
-    config_path, _ = parse_cli(argv)
+    config_path, pairs = parse_cli(argv)
     from_ckpt = _checkpoint_defaults(argv)
+    # A command that names its own data (the seed's `--dataset cifar10 --data_dir ...` finetune) is a recipe of
+    # its own over the schema's defaults, as in MindCV; the demo's 32 px, run dir and regularisation stay out.
+    names_data = any(key in ("data_dir", "dataset") for key, _ in pairs)
     if from_ckpt is not None:
         defaults, source = from_ckpt
-    elif config_path is None:
+    elif config_path is None and not names_data:
         defaults, source = DEMO_RECIPE, "built-in demo recipe"
         notices.append("note: no config given (-c); running the built-in demo recipe (vitkit train --help)")
     else:
