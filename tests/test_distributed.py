@@ -69,9 +69,20 @@ def test_detect_launcher_none_and_bad_values() -> None:
         D.detect_launcher({"PMI_RANK": "x", "PMI_SIZE": "2"})
 
 
-def test_distribute_true_without_launcher_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_distribute_true_without_launcher_is_a_clear_error(capsys: pytest.CaptureFixture) -> None:
     with pytest.raises(ConfigError, match="torchrun --nproc_per_node N"):
         D.init_distributed(Config(distribute=True, device="cpu"), environ={})
+    cli = Config(distribute=True, device="cpu")
+    cli.sources["distribute"] = "command line"
+    with pytest.raises(ConfigError, match="torchrun --nproc_per_node N"):
+        D.init_distributed(cli, environ={})
+    # the seed's `python train.py -c configs/vit/vit_b32_224.yaml` (distribute: true in the recipe) runs as
+    # written, in one process, with a one-line notice
+    recipe = Config(distribute=True, device="cpu")
+    recipe.sources["distribute"] = "configs/vit/vit_b32_224.yaml"
+    info = D.init_distributed(recipe, environ={})
+    assert info == SINGLE and not recipe.distribute
+    assert "no launcher started this process; running in one process" in capsys.readouterr().err
     info = D.init_distributed(Config(distribute=False, device="cpu"), environ={})
     assert info == SINGLE and not info.distributed
     # a launcher that started one process: a plain single process, no process group

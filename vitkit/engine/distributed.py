@@ -9,8 +9,9 @@ Launching (issue 6):
 With mpirun the rendezvous address is MASTER_ADDR (default 127.0.0.1, i.e. one node) and MASTER_PORT
 (default 29500, torchrun's default); on several nodes pass rank 0's host: `mpirun -x MASTER_ADDR=node0 ...`.
 
-`distribute` (MindCV's key): true requires a launcher environment and is an error without one (a recipe
-that asks for 8 devices should not silently train on one). false while a launcher started several
+`distribute` (MindCV's key): true on the command line requires a launcher environment and is an error
+without one; true from a recipe file runs in one process with a one-line notice (the seed's command
+`python train.py -c configs/vit/vit_b32_224.yaml ...` runs as written). false while a launcher started several
 processes runs distributed anyway, with a one-line notice: N independent copies would race on the same run
 directory, and the user plainly asked for N processes.
 
@@ -112,6 +113,14 @@ def init_distributed(cfg: Any, environ: Optional[Mapping[str, str]] = None) -> D
     object collectives and CPU metrics work on GPU runs too), and `cfg.device` resolves to cuda:local_rank.
     """
     launch = detect_launcher(environ)
+    source = getattr(cfg, "sources", {}).get("distribute")
+    if cfg.distribute and launch is None and source not in (None, "command line"):
+        # The seed's own command, `python train.py -c configs/vit/vit_b32_224.yaml ...`, runs as written: the
+        # recipe's 8-device setting falls back to one process, said in one line (apply_global_batch then
+        # reports the global batch against the recipe's reference).
+        print(f"note: distribute: true (from {source}) but no launcher started this process; running in one "
+              f"process (use torchrun or mpirun for several)", file=sys.stderr)
+        cfg.distribute = False
     if cfg.distribute and launch is None:
         raise ConfigError(
             "distribute: true but this process was not started by a launcher (no RANK/WORLD_SIZE from torchrun, "

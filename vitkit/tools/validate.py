@@ -236,7 +236,7 @@ def _plot_confusion(cm: torch.Tensor, names: list[str], path: Path) -> Path | No
 def run_validate(argv: list[str]) -> dict[str, Any]:
     """Parse, build, evaluate, report; returns the results dict (without per-sample tensors)."""
     from vitkit.data import build_dataset, build_loader
-    from vitkit.engine.distributed import detect_launcher, distributed_session, is_main
+    from vitkit.engine.distributed import distributed_session, is_main
     from vitkit.engine.precision import resolve_precision
 
     opts, rest = build_parser().parse_known_args(argv)
@@ -252,8 +252,6 @@ def run_validate(argv: list[str]) -> dict[str, Any]:
             cfg = load_config(rest, defaults=_checkpoint_defaults(ckpt))
     if opts.use_ema and ckpt is None:
         raise WeightsError("--use_ema needs a vitkit checkpoint in --ckpt_path (other weights carry no EMA copy)")
-    if cfg.distribute and cfg.sources.get("distribute") != "command line" and detect_launcher() is None:
-        cfg.distribute = False  # a multi-device recipe (`-c vit_b32_224.yaml`) validates in one process as well
     with distributed_session(cfg) as info:
         ds = build_dataset(cfg, cfg.val_split, train=False)
         if ckpt is not None:
