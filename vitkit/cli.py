@@ -5,7 +5,7 @@ import importlib
 import sys
 from typing import Sequence
 
-from vitkit.errors import VitkitError
+from vitkit.errors import VitkitError, disk_full_message
 
 # verb -> (module with main(argv), one-line description)
 VERBS: dict[str, tuple[str, str]] = {
@@ -46,6 +46,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(module.main(rest) or 0)
     except VitkitError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if disk_full_message(e) is None:
+            raise
+        print(f"error: {disk_full_message(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -19,3 +19,15 @@ class WeightsError(VitkitError):
 
 class DataError(VitkitError):
     """A dataset that is missing, empty, or too broken to train on."""
+
+
+def disk_full_message(e: OSError) -> str | None:
+    """The one-line error for a write that failed because the disk (or the quota) is full, else None. Checkpoint
+    writes say so themselves (`atomic_write`); this covers the small ones (metrics, logs) that hit it first
+    when another process filled the disk."""
+    import errno
+
+    if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+        return None
+    where = f": could not write {e.filename}" if e.filename else " (a write failed)"
+    return f"the disk is full{where}; free space, then resume (--resume)"

@@ -10,13 +10,18 @@ beside it in `<name>.state.pt`, holding only tensors and plain Python values, so
 `torch.load(weights_only=True)`: no checkpoint ever runs code on load.
 
 Every write is atomic (temporary file, flush, fsync, rename, fsync of the folder): a kill at any moment
-leaves the previous good file in place. The weights file is written last, so its presence means the pair is
-complete.
+leaves the previous good file in place. The two files of a pair share a random `pair_id` (in the metadata
+and in the state), so a save interrupted between the two writes (new state, old weights) is detected, never
+resumed as a mixed pair (`is_complete_pair`; the saver keeps the previous pair as `prev` for that case).
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
+import secrets
+import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +36,8 @@ from vitkit.errors import VitkitError, WeightsError
 from vitkit.models.vit import ViTConfig, VisionTransformer
 
 FORMAT_VERSION = "1"
+_UMASK = os.umask(0o022)  # read the process umask (the only way is to set it) and put it back
+os.umask(_UMASK)
 EMA_PREFIX = "ema."
 
 
@@ -60,16 +67,30 @@ class Checkpoint:
         return model.eval()
 
 
+def _write_errno(e: BaseException | None) -> int | None:
+    """The OS error behind a failed write. torch.save reports a full disk as a RuntimeError whose context is
+    the OSError (when it writes through a Python file); safetensors' Rust writer only says `os error 28`."""
+    while e is not None:
+        if isinstance(e, OSError) and e.errno:
+            return e.errno
+        found = re.search(r"os error (\d+)", str(e))
+        if found:
+            return int(found.group(1))
+        e = e.__cause__ or e.__context__
+    return None
+
+
 def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
     """Run `write(tmp_path)` then move the result onto `path` atomically, surviving a kill at any point.
 
-    A full disk (or any OSError) leaves `path` as it was and raises a VitkitError saying so.
+    A full disk (or any other OS error) leaves `path` as it was and raises a one-line VitkitError saying so.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    path, tmp = Path(path), None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes it owner-only; a checkpoint gets the usual permissions
+        os.close(fd)
         write(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
@@ -79,11 +100,20 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
-    except OSError as e:
-        raise VitkitError(f"could not write {path}: {e.strerror or e}; the previous file, if any, is intact "
-                          f"(free disk space, then resume)") from e
+    except (OSError, RuntimeError, SafetensorError) as e:
+        code = _write_errno(e)
+        if code is None and not isinstance(e, OSError):  # not an I/O failure: a bug, not the user's to fix
+            raise
+        if code in (errno.ENOSPC, errno.EDQUOT):
+            if tmp is not None and os.path.lexists(tmp):
+                os.unlink(tmp)  # before measuring what is free
+            free = shutil.disk_usage(path.parent).free / 2**20 if path.parent.is_dir() else 0.0
+            raise VitkitError(f"the disk is full: could not write {path} ({free:.0f} MiB free in {path.parent}); "
+                              f"the previous file is intact: free space, then resume (--resume)") from e
+        raise VitkitError(f"could not write {path}: {os.strerror(code) if code else e}; the previous file, if "
+                          f"any, is intact") from e
     finally:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.lexists(tmp):
             os.unlink(tmp)
 
 
@@ -107,9 +137,11 @@ def save_checkpoint(
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     if ema_model is not None:
         tensors.update({EMA_PREFIX + k: v.detach().to("cpu").contiguous() for k, v in ema_model.state_dict().items()})
+    pair_id = secrets.token_hex(8)  # ties <stem>.state.pt to these weights (is_complete_pair)
     meta = {
         "format": "vitkit",
         "format_version": FORMAT_VERSION,
+        "pair_id": pair_id,
         "model_name": model_name,
         "arch": json.dumps(arch.to_dict()),
         "data_config": data_config.to_json(),
@@ -120,9 +152,17 @@ def save_checkpoint(
         "metrics": json.dumps(metrics or {}),
     }
     if train_state is not None:
-        atomic_write(state_path(path), lambda tmp: torch.save(train_state, tmp))
+        train_state = {**train_state, "pair_id": pair_id}
+        atomic_write(state_path(path), lambda tmp: _torch_save(train_state, tmp))
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
     return path
+
+
+def _torch_save(obj: Any, path: str) -> None:
+    """torch.save through a Python file, so a failed write keeps its OSError (torch.save(obj, path) says only
+    `unexpected pos`)."""
+    with open(path, "wb") as f:
+        torch.save(obj, f)
 
 
 def state_path(path: str | Path) -> Path:
@@ -185,7 +225,27 @@ def load_train_state(path: str | Path) -> dict[str, Any]:
         raise VitkitError(f"{sp} is missing: {path} holds weights only and cannot resume a run "
                           f"(use it with --ckpt_path to start a new run from these weights)")
     try:
-        return torch.load(sp, map_location="cpu", weights_only=True)
+        state = torch.load(sp, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, foreign pickle: both are user-fixable
         raise VitkitError(f"{sp} could not be loaded ({type(e).__name__}); it is truncated or not a vitkit "
                           f"training state") from None
+    if not _same_pair(path, state):
+        raise VitkitError(f"{sp} belongs to another save than {path} (a save was interrupted between the two "
+                          f"files); resume from the run's prev.safetensors or an epoch checkpoint instead")
+    return state
+
+
+def _same_pair(path: Path, state: Any) -> bool:
+    meta = read_metadata(path) or {}
+    return isinstance(state, dict) and state.get("pair_id") == meta.get("pair_id")
+
+
+def is_complete_pair(path: str | Path) -> bool:
+    """Whether `path` and its training state were written by the same save (not torn by a kill between them)."""
+    sp = state_path(path)
+    if read_metadata(path) is None or not sp.is_file():
+        return False
+    try:  # mmap: the tensors are not read, only the small pickle that names them
+        return _same_pair(Path(path), torch.load(sp, map_location="cpu", weights_only=True, mmap=True))
+    except Exception:  # noqa: BLE001 - a truncated or foreign state file is not a complete pair
+        return False

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import sys
 import types
 import typing
@@ -245,13 +246,15 @@ def _coerce(value: Any, tp: Any) -> tuple[bool, Any]:
     if tp is int:
         return isinstance(value, int) and not isinstance(value, bool), value
     if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return True, float(value)
         # YAML 1.1 (PyYAML) reads `1e-5` (no dot) as a string; MindCV recipes and users write it that way.
-        if isinstance(value, str) and _is_number(value) and value.strip().lower().lstrip("+-") not in ("nan", "inf",
-                                                                                                      "infinity"):
-            return True, float(value)
-        return False, value
+        numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not (numeric or isinstance(value, str) and _is_number(value)):
+            return False, value
+        try:
+            number = float(value)
+        except OverflowError:  # an integer beyond float range
+            return False, value
+        return math.isfinite(number), number  # inf/nan (YAML .inf, 1e400) are no setting
     if tp is str:
         return isinstance(value, str), value
     if origin is tuple:
@@ -287,7 +290,7 @@ def _set(cfg: Config, key: str, value: Any, source: str, notices: list[str]) -> 
         notices.append(f"note: '{key}' ({source}) is the old spelling of '{new_key}'")
         key, value = new_key, convert(value)
     if key not in FIELDS:
-        raise ConfigError(f"unknown config key '{key}' ({source}){_suggest(key)}")
+        raise ConfigError(f"unknown config key {key!r} ({source}){_suggest(key)}")  # repr: one line, always
     tp = _HINTS[key]
     ok, converted = _coerce(value, tp)
     if not ok:
@@ -358,12 +361,20 @@ def _is_number(text: str) -> bool:
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
     p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"config file {str(p)!r} does not exist")
     try:
-        data = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"config file {str(p)!r} is not valid YAML: {e}") from None
+        text = p.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"config file {str(p)!r} does not exist") from None
+    except (OSError, UnicodeDecodeError) as e:  # a folder, a long name, a checkpoint passed as -c
+        why = e.strerror if isinstance(e, OSError) else "not a text file"
+        raise ConfigError(f"config file {str(p)!r} cannot be read ({why})") from None
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:  # one line: where and what (str(e) spans several lines)
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"config file {str(p)!r} is not valid YAML{where}: "
+                          f"{getattr(e, 'problem', None) or type(e).__name__}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {str(p)!r} must be a mapping of key: value")
     # MindCV recipes are flat; accept one level of grouping (`optimizer: {lr: ...}`) too.
@@ -373,6 +384,9 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
             flat.update(v)
         else:
             flat[k] = v
+    for k in flat:
+        if not isinstance(k, str):  # `1: x`, `? [a]`, a bare `?`: YAML allows keys that name nothing here
+            raise ConfigError(f"config file {str(p)!r}: {k!r} is not a config key name")
     return flat
 
 
@@ -424,6 +438,7 @@ def validate(cfg: Config) -> Config:
             raise ConfigError(f"config key '{key}': {msg} (got {getattr(cfg, key)!r})")
 
     need(cfg.lr > 0, "lr", "must be > 0")
+    need(-2**63 <= cfg.seed < 2**64, "seed", "must fit in 64 bits")
     need(cfg.min_lr >= 0, "min_lr", "must be >= 0")
     need(cfg.batch_size >= 1, "batch_size", "must be >= 1")
     need(cfg.epoch_size >= 1, "epoch_size", "must be >= 1")
@@ -445,6 +460,7 @@ def validate(cfg: Config) -> Config:
     need(cfg.num_samples is None or cfg.num_samples >= 1, "num_samples", "must be >= 1")
     need(cfg.num_classes is None or cfg.num_classes >= 1, "num_classes", "must be >= 1")
     need(cfg.crop_pct is None or 0 < cfg.crop_pct <= 1, "crop_pct", "must be in (0, 1]")
+    need(cfg.std is None or min(cfg.std) > 0, "std", "must be > 0 (images are divided by it)")
     need(cfg.layer_decay is None or 0 < cfg.layer_decay <= 1, "layer_decay", "must be in (0, 1]")
     need(cfg.scale[0] <= cfg.scale[1] and cfg.scale[0] > 0, "scale", "must be an increasing range above 0")
     need(cfg.ratio[0] <= cfg.ratio[1] and cfg.ratio[0] > 0, "ratio", "must be an increasing range above 0")

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from vitkit.data import build_dataset, build_loader, build_mixup, resolve_data_config
-from vitkit.engine.checkpoint import load_checkpoint, load_train_state, save_checkpoint
+from vitkit.engine.checkpoint import is_complete_pair, load_checkpoint, load_train_state, save_checkpoint
 from vitkit.engine.config import Config
 from vitkit.engine import distributed as D
 from vitkit.engine.ema import ModelEMA
@@ -31,7 +31,7 @@ from vitkit.engine.loss import classification_loss
 from vitkit.engine.monitor import Monitor, format_duration, run_info
 from vitkit.engine.optim import create_optimizer
 from vitkit.engine.precision import resolve_precision
-from vitkit.engine.saver import CheckpointSaver, rng_state, set_rng_state
+from vitkit.engine.saver import LAST, PREV, CheckpointSaver, rng_state, set_rng_state
 from vitkit.engine.schedule import build_schedule, set_lr
 from vitkit.errors import ConfigError, DataError, VitkitError, WeightsError
 from vitkit.models import create_model, get_spec
@@ -70,13 +70,16 @@ def seed_everything(seed: int, deterministic: bool) -> None:
 
 def resolve_resume_path(cfg: Config) -> Optional[Path]:
     """The checkpoint to continue from: `--resume PATH`, `--resume true` (last in ckpt_save_dir), or
-    `--ckpt_path P --resume_opt`. None for a fresh run."""
+    `--ckpt_path P --resume_opt`. None for a fresh run. `last` torn by a kill or a full disk between its
+    two files falls back to `prev`, the save before it."""
     if cfg.resume is True:
-        path = Path(cfg.ckpt_save_dir) / "last.safetensors"
+        path, prev = Path(cfg.ckpt_save_dir) / LAST, Path(cfg.ckpt_save_dir) / PREV
         if not path.is_file():
             raise VitkitError(f"--resume: no checkpoint to resume in {cfg.ckpt_save_dir} ({path.name} is missing); "
                               f"pass --resume PATH or the run's --ckpt_save_dir")
-        return path
+        if not is_complete_pair(path) and is_complete_pair(prev):
+            return prev
+        return path  # complete, or load_train_state says why not
     if isinstance(cfg.resume, str) and cfg.resume:
         return Path(cfg.resume)
     if cfg.ckpt_path and cfg.resume_opt:
@@ -108,7 +111,8 @@ class Trainer:
         resume = resolve_resume_path(cfg)
         if resume is not None:
             self.restore(resume)
-            self.monitor.print(f"resumed from {resume} at epoch {self.epoch + 1}, step {self.step}")
+            torn = " (the last save was interrupted; continuing from the one before)" if resume.name == PREV else ""
+            self.monitor.print(f"resumed from {resume} at epoch {self.epoch + 1}, step {self.step}{torn}")
 
     # -- construction -----------------------------------------------------------------------------------
     def _build_data(self) -> None:

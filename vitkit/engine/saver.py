@@ -2,6 +2,8 @@
 
 Files in the run directory (`ckpt_save_dir`):
   last.safetensors (+ last.state.pt)      the newest state, written at every save; `--resume true` reads it
+  prev.safetensors (+ prev.state.pt)      the save before it (hard links): what `--resume true` reads when a
+                                          kill or a full disk tore `last` between its two files
   <model>-e<epoch>.safetensors (+ .state.pt)  epoch checkpoints kept by the policy:
                                           latest_k: the newest `keep_checkpoint_max`;
                                           top_k: the `keep_checkpoint_max` best by validation top-1
@@ -22,9 +24,10 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 
-from vitkit.engine.checkpoint import atomic_write, state_path
+from vitkit.engine.checkpoint import atomic_write, is_complete_pair, state_path
 
 LAST = "last.safetensors"
+PREV = "prev.safetensors"
 BEST = "best.safetensors"
 INDEX = "checkpoints.json"
 
@@ -90,6 +93,12 @@ class CheckpointSaver:
         """`write(path)` writes a checkpoint pair atomically (a new file replacing the name, as `atomic_write`
         does; never in place, which would change the linked epoch and best files too). This calls it for
         `last`, then links the epoch and best files. Returns the path of `last`."""
+        # Temporaries of writes a kill interrupted (atomic_write names them .<name>.<random>.tmp).
+        for name in (LAST, state_path(LAST).name, INDEX):
+            for tmp in self.run_dir.glob(f".{name}.*.tmp"):
+                tmp.unlink(missing_ok=True)
+        if is_complete_pair(self.last):  # keep it until the new `last` is whole (never a torn pair as prev)
+            _place_pair(self.last, self.run_dir / PREV)
         write(self.last)
         if keep_epoch:
             name = f"{self.model_name}-e{epoch:04d}.safetensors"

@@ -143,7 +143,18 @@ def create_model(
         source_classes = arch.pop("num_classes", None)
         num_classes = source_classes if num_classes is None else num_classes
         overrides = {**arch, **overrides}
-    cfg = build_config(name, num_classes=num_classes, img_size=img_size, **overrides)
+    try:
+        cfg = build_config(name, num_classes=num_classes, img_size=img_size, **overrides)
+    except ValueError as e:  # the source's architecture cannot be applied to this model's shape
+        if weights is None:
+            raise
+        from vitkit.errors import WeightsError
+
+        own = get_spec(name).arch.to_dict()
+        differs = ", ".join(f"{k} {v!r} (not {own[k]!r})" for k, v in weights.arch.items()
+                            if k in own and k != "num_classes" and own[k] != v)
+        raise WeightsError(f"{pretrained} holds another architecture than {name} ({differs or e}); use weights "
+                           f"of a {name} model, or --model of the weights' own architecture") from None
     model = VisionTransformer(cfg)
     model.model_name = name  # type: ignore[attr-defined]
     if weights is not None:

@@ -406,8 +406,12 @@ def _sniff(path: Path) -> str:
     with open(path, "rb") as f:
         head = f.read(16)
     if head[:2] == b"PK":
-        with zipfile.ZipFile(path) as z:
-            names = z.namelist()
+        try:
+            with zipfile.ZipFile(path) as z:
+                names = z.namelist()
+        except zipfile.BadZipFile:
+            raise WeightsError(f"{path} is a damaged zip archive (truncated download or copy?); "
+                               f"is the file complete?") from None
         return "npz" if names and all(n.endswith(".npy") for n in names) else "torch"
     if len(head) >= 9 and head[8:9] == b"{":  # safetensors: u64 header length, then the JSON header
         return "safetensors"
