@@ -181,6 +181,9 @@ def test_imagefolder_any_split_and_cifar_jpeg_copy():
     assert ds.classes[:2] == ["airplane", "automobile"] and len(ds.classes) == 10 and len(ds) == 1000
     cif = build_dataset(_cfg("--data_dir", str(SAMPLE), "--dataset", "cifar10"), "test", train=False)
     assert cif.classes == ds.classes and len(cif) == len(ds)
+    # the default val_split ("val") on a CIFAR JPEG copy evaluates on its test/ folder, as the python format does
+    cif_val = build_dataset(_cfg("--data_dir", str(SAMPLE), "--dataset", "cifar10"), "val", train=False)
+    assert cif_val.samples == cif.samples and len(cif_val) == 1000
 
 
 def test_num_samples_is_stratified_and_seeded(tmp_path):

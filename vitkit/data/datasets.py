@@ -161,6 +161,10 @@ def _cifar(cfg: Any, root: Path, split: str, train: bool) -> Dataset:
     cls = tvd.CIFAR10 if cfg.dataset == "cifar10" else tvd.CIFAR100
     is_train_split = split == cfg.train_split if train else split in ("train", cfg.train_split)
     python_format = (root / CIFAR_DIRS[cfg.dataset]).is_dir()
+    if not python_format and not train and not (root / split).is_dir() and (root / "test").is_dir():
+        # CIFAR's held-out split is its test set (the python format maps any eval split to it; so does this)
+        log.info("%s: no %s/ in %s; evaluating on test/", cfg.dataset, split, root)
+        split = "test"
     if not python_format and (root / split).is_dir():  # a local JPEG copy: nothing to download
         return scan_image_folder(root / split)
     if python_format or cfg.dataset_download:
