@@ -278,13 +278,21 @@ def test_errno_of_a_failed_write_behind_library_errors():
 
 
 @needs_dev_full
-def test_full_disk_on_a_log_write_is_a_one_line_error(tmp_path, capsys, in_process):
+@pytest.mark.parametrize("entry", ["vitkit train", "python train.py"])
+def test_full_disk_on_a_log_write_is_a_one_line_error(tmp_path, monkeypatch, capsys, in_process, entry):
     """The disk filled by another process: the first write to fail is a small one (metrics.jsonl)."""
+    from vitkit.engine import train as train_module
+
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     (run_dir / "metrics.jsonl").symlink_to("/dev/full")
-    rc, err = cli("train", *train_args(run_dir, "--max_steps", "2"), capsys=capsys)
-    assert rc == 2 and err[-1].startswith("error: the disk is full"), err
+    args = train_args(run_dir, "--max_steps", "2")
+    if entry == "vitkit train":
+        rc, err = cli("train", *args, capsys=capsys)
+    else:
+        monkeypatch.setattr(sys, "argv", ["train.py", *args])
+        rc, err = train_module.cli(), capsys.readouterr().err.splitlines()
+    assert rc == 2 and err[-1] == "error: the disk is full (a write failed); free space, then resume (--resume)", err
 
 
 # -- 3. bad input: exit code 2 and one line that names the problem -------------------------------------------------

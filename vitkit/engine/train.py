@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from vitkit.engine.config import help_text, load_config, parse_cli
-from vitkit.errors import VitkitError
+from vitkit.errors import VitkitError, disk_full_message
 
 USAGE = """usage: vitkit train [-c CONFIG.yaml] [--key value ...]
 
@@ -100,6 +100,11 @@ def cli() -> int:
         return main()
     except VitkitError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a full disk hit by a small write (metrics, logs): one line too
+        if disk_full_message(e) is None:
+            raise
+        print(f"error: {disk_full_message(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
