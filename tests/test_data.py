@@ -152,10 +152,13 @@ def test_mode_conversions_to_rgb():
     pal = Image.new("RGB", (8, 8), (10, 20, 30)).convert("P", palette=Image.Palette.ADAPTIVE)
     rgba = Image.new("RGBA", (8, 8), (10, 20, 30, 0))
     deep = Image.fromarray(np.full((8, 8), 65535, dtype=np.uint16))
-    assert deep.mode.startswith("I")
-    out = {k: np.asarray(to_rgb(v)) for k, v in dict(gray=gray, cmyk=cmyk, pal=pal, rgba=rgba, deep=deep).items()}
+    dark = Image.fromarray(np.full((8, 8), 200, dtype=np.uint16))  # a dark 16-bit image stays dark: 200/257 -> 1
+    assert deep.mode.startswith("I;16") and dark.mode.startswith("I;16")
+    out = {k: np.asarray(to_rgb(v))
+           for k, v in dict(gray=gray, cmyk=cmyk, pal=pal, rgba=rgba, deep=deep, dark=dark).items()}
     assert all(v.shape == (8, 8, 3) for v in out.values())
     assert (out["gray"] == 200).all() and (out["cmyk"] == 255).all() and (out["deep"] == 255).all()
+    assert (out["dark"] == 1).all()
     assert tuple(out["pal"][0, 0]) == (10, 20, 30) and tuple(out["rgba"][0, 0]) == (10, 20, 30)
 
 
@@ -330,7 +333,7 @@ def test_data_check_lists_problems(tmp_path, capsys):
     assert cli(["data", "check", str(tmp_path / "missing")]) == 2
 
 
-def test_gpu_decode_path_runs_on_cpu_and_matches_eval_crop(tmp_path):
+def test_gpu_decode_path_runs_on_cpu_and_matches_eval_crop(tmp_path, caplog):
     """The nvJPEG path with device=cpu: same shapes, deterministic, and its eval crop close to the PIL path."""
     for i in range(4):
         (tmp_path / "val" / "a").mkdir(parents=True, exist_ok=True)
@@ -338,7 +341,10 @@ def test_gpu_decode_path_runs_on_cpu_and_matches_eval_crop(tmp_path):
     cfg = _cfg("--data_dir", str(tmp_path), "--batch_size", "4", "--gpu_decode", "--in_memory", "false")
     dc = DataConfig(input_size=64, crop_pct=1.0, interpolation="bilinear")
     ds = build_dataset(cfg, "val", train=False)
-    (x, y), = _epoch(build_loader(cfg, ds, train=False, data_config=dc), 0)
+    with caplog.at_level("WARNING"):
+        (x, y), = _epoch(build_loader(cfg, ds, train=False, data_config=dc), 0)
+    if not torch.cuda.is_available():  # the recovery is said, not silent
+        assert "no CUDA GPU; decoding on the CPU instead" in caplog.text
     ref = torch.stack([build_transform(dc, None, train=False, small_data=False)(ds.load(i)) for i in range(4)])
     assert x.shape == ref.shape == (4, 3, 64, 64) and (x - ref).abs().mean() < 0.05
     cfg.val_split = cfg.train_split = "val"

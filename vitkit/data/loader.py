@@ -277,6 +277,8 @@ def build_loader(cfg: Any, ds: Any, *, train: bool, data_config: DataConfig, ran
 
         plan_tf = JpegCropPlan(tuple(cfg.scale), tuple(cfg.ratio), cfg.hflip, train, data_config)
         device = "cuda" if torch.cuda.is_available() else "cpu"
+        if device == "cpu":  # the documented recovery: same decode and crops, run by torchvision on the CPU
+            log.warning("gpu_decode: true but this machine has no CUDA GPU; decoding on the CPU instead")
         return Loader(ds, plan, transform=plan_tf, seed=cfg.seed, num_workers=cfg.num_parallel_workers,
                       bad_image_limit=limit, collate_fn=GpuCollate(), post_fn=GpuDecoder(data_config, device))
     # Random erasing works on normalized pixels, so only then does each sample normalize itself.

@@ -39,7 +39,9 @@ def to_rgb(img: Image.Image) -> Image.Image:
     if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
         # convert("RGB") would clip 16-bit values at 255; scale the range down instead.
         a = np.asarray(img, dtype=np.float64)
-        peak = 65535.0 if a.max() > 255 else 255.0
+        # I;16*: 16-bit by the file's own word (a dark 16-bit image must not come out 257x too bright); mode I
+        # (32-bit, how some PIL versions open 16-bit PNGs) says nothing, so its range decides.
+        peak = 65535.0 if img.mode.startswith("I;16") or a.max() > 255 else 255.0
         img = Image.fromarray(np.clip(a * (255.0 / peak) + 0.5, 0, 255).astype(np.uint8), "L")
     elif img.mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")  # avoids PIL's warning on palette transparency
