@@ -144,8 +144,9 @@ def run(
                 steps_fns[name]()
         times: dict[str, list[float]] = {n: [] for n in impls}
         mem: dict[str, float | None] = {}
-        for _ in range(repeats):  # interleave so that load on the machine hits both alike
-            for name, fn in steps_fns.items():
+        for r in range(repeats):  # interleave so that load on the machine hits both alike; alternate who goes
+            order = list(steps_fns.items())  # first, so neither always runs on the other's warm caches
+            for name, fn in (order if r % 2 == 0 else order[::-1]):
                 if dev.type == "cuda":
                     torch.cuda.reset_peak_memory_stats(dev)
                 times[name].append(time_steps(fn, dev, steps))
