@@ -5,7 +5,11 @@ vitkit/timm; `--out FILE` also writes it with the command and versions.
 
     python benchmarks/bench_model.py                       # CPU: vit_b_32_224 @ 8 and vit_ti_4_32 @ 128
     python benchmarks/bench_model.py --compile             # both sides torch.compile'd
+    python benchmarks/bench_model.py --same_optimizer      # train both with torch's fused AdamW: models alone
     python benchmarks/bench_model.py --cases vit_b_16_224:256 --precision bf16   # on a GPU
+
+The train step is forward, cross-entropy, backward and an AdamW step, each toolkit's AdamW as its trainer
+builds it (vitkit: torch's fused kernel; timm's create_optimizer_v2: torch's default, a for-loop on the CPU).
 """
 from __future__ import annotations
 
@@ -25,14 +29,15 @@ def main() -> int:
     p.add_argument("--compile", action="store_true")
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--same_optimizer", action="store_true", help="torch's fused AdamW for both sides")
     p.add_argument("--out", default=None, help="also write the tables to this markdown file")
     a = p.parse_args()
     blocks = [f"command: `python {' '.join(sys.argv)}`", environment(), time.strftime("date: %Y-%m-%d %H:%M UTC", time.gmtime())]
     for case in a.cases:
         name, batch = case.split(":")
         results = run(name, int(batch), precision=a.precision, compile=a.compile, compare="timm",
-                      steps=a.steps, repeats=a.repeats)
-        table = format_table(results, f"\n### {name}, batch {batch}, {a.precision}{', compiled' if a.compile else ''}\n")
+                      steps=a.steps, repeats=a.repeats, same_optimizer=a.same_optimizer)
+        table = format_table(results, f"\n### {name}, batch {batch}, {a.precision}{', compiled' if a.compile else ''}{', same optimizer' if a.same_optimizer else ''}\n")
         print(table, flush=True)
         blocks.append(table)
     if a.out:

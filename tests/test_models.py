@@ -89,7 +89,34 @@ def test_forward_head_and_features_contract():
         feats = model.forward_features(x)
         assert feats.shape == (2, 1 + 64, 128)
         assert model.forward_head(feats, pre_logits=True).shape == (2, 128)
-        assert torch.equal(model.forward_head(feats), model(x))
+        assert torch.allclose(model.forward_head(feats), model(x), atol=1e-6)  # model(x): class token only
+
+
+@pytest.mark.parametrize("kw", [{}, {"qk_norm": True, "init_values": 1e-5, "drop_path_rate": 0.2}])
+@pytest.mark.parametrize("grad_ckpt", [False, True])
+def test_class_token_only_last_block_equals_full_model(kw, grad_ckpt):
+    """model(x) with token pooling updates only the class token in the last block: same logits and gradients
+    as the full forward, in eval and in training (same drop-path draws)."""
+    model = _tiny(**kw)
+    model.set_grad_checkpointing(grad_ckpt)
+    x = torch.randn(3, 3, 32, 32)
+    cls = model.forward_features(x, class_token_only=True)
+    assert cls.shape == (3, 1, 128)
+    with torch.no_grad():
+        model.eval()
+        assert torch.allclose(model(x), model.forward_head(model.forward_features(x)), atol=1e-6)
+    model.train()
+    grads = []
+    for full in (True, False):
+        model.zero_grad()
+        torch.manual_seed(1)
+        out = model.forward_head(model.forward_features(x)) if full else model(x)
+        out.logsumexp(-1).sum().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    assert torch.allclose(grads[0], grads[1], atol=1e-6)
+    avg = _tiny(global_pool="avg").eval()  # avg pooling reads every token: model(x) runs the full model
+    with torch.no_grad():
+        assert torch.equal(avg(x), avg.forward_head(avg.forward_features(x)))
 
 
 def test_forward_intermediates():

@@ -84,7 +84,23 @@ def test_create_optimizer_names(name, cls, extra):
     opt = create_optimizer(tiny(), load_config(argv, notices=[]))
     assert type(opt) is cls
     assert sorted(g["weight_decay"] for g in opt.param_groups) == [0.0, 0.05]
+    if name in ("adamw", "adam", "sgd", "momentum"):  # torch's fused kernels on the CPU too (6x faster AdamW)
+        assert opt.defaults["fused"] is True
     if name in ("sgd", "momentum"):
         assert opt.defaults["momentum"] == 0.9 and opt.defaults["nesterov"] == extra.get("nesterov", False)
     if name == "lion":
         assert opt.defaults["betas"] == (0.9, 0.99)  # the Lion paper's beta2 unless beta2 is set
+
+
+def test_resumed_optimizer_keeps_this_runs_kernel():
+    """A state saved by a fused optimizer (one CPU) loads into a foreach one (FSDP's choice) without switching."""
+    from vitkit.engine import distributed as D
+
+    model = tiny()
+    fused = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, fused=True)
+    model(torch.randn(2, 3, 32, 32)).sum().backward()
+    fused.step()
+    mine = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, foreach=True)
+    D.load_optimizer_state_dict(model, mine, fused.state_dict())
+    assert mine.param_groups[0]["foreach"] is True and not mine.param_groups[0]["fused"]
+    assert len(mine.state) == len(fused.state)

@@ -474,7 +474,14 @@ def optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer) -> 
 
 
 def load_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
-    """Load a full integer-keyed optimizer state (every rank passes it); under FSDP each rank keeps its shard."""
+    """Load a full integer-keyed optimizer state (every rank passes it); under FSDP each rank keeps its shard.
+
+    The kernel choice (`fused` / `foreach`) stays this run's: a checkpoint from a run on another device or
+    sharding (fused on one CPU, foreach under FSDP) must not carry its kernel over."""
+    kernels = ("fused", "foreach", "capturable")
+    keep = [{k: g[k] for k in kernels if k in g} for g in optimizer.param_groups]
+    if len(keep) == len(state["param_groups"]):  # otherwise torch's own check names the mismatch
+        state = {**state, "param_groups": [{**saved, **mine} for saved, mine in zip(state["param_groups"], keep)]}
     if is_fsdp(model):
         from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 

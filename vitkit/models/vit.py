@@ -130,10 +130,13 @@ class Attention(nn.Module):
         self.proj = nn.Linear(cfg.embed_dim, cfg.embed_dim)
         self.proj_drop = nn.Dropout(cfg.proj_drop_rate)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, num_queries: int | None = None) -> torch.Tensor:
+        """(B, N, D) -> (B, N, D); with `num_queries` n, only the first n tokens attend (-> (B, n, D))."""
         B, N, D = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # each (B, heads, N, head_dim)
+        if num_queries is not None:
+            q, N = q[:, :, :num_queries], num_queries
         q, k = self.q_norm(q), self.k_norm(k)
         # SDPA picks flash / memory-efficient kernels on GPU; scale defaults to head_dim ** -0.5.
         x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
@@ -195,8 +198,10 @@ class Block(nn.Module):
         self.mlp = Mlp(cfg)
         self.ls2, self.drop_path2 = scale(), path()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x))))
+    def forward(self, x: torch.Tensor, num_queries: int | None = None) -> torch.Tensor:
+        """With `num_queries` n, only the first n tokens are updated and returned (the others still attend)."""
+        y = self.attn(self.norm1(x), num_queries)
+        x = (x if num_queries is None else x[:, :num_queries]) + self.drop_path1(self.ls1(y))
         return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
 
 
@@ -277,16 +282,22 @@ class VisionTransformer(nn.Module):
         x = self._pos_embed(self.patch_embed(x), grid_hw)  # (B, prefix + H*W, D)
         return self.norm_pre(x), grid_hw
 
-    def _run_block(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    def _run_block(self, block: nn.Module, x: torch.Tensor, num_queries: int | None = None) -> torch.Tensor:
         if self.grad_checkpointing and self.training and not torch.jit.is_scripting():
-            return checkpoint(block, x, use_reentrant=False)
-        return block(x)
+            return checkpoint(block, x, num_queries, use_reentrant=False)
+        return block(x, num_queries)
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Images (B, C, H, W) -> normed tokens (B, prefix + H/p * W/p, D)."""
+    def forward_features(self, x: torch.Tensor, class_token_only: bool = False) -> torch.Tensor:
+        """Images (B, C, H, W) -> normed tokens (B, prefix + H/p * W/p, D).
+
+        `class_token_only` returns just the class token (B, 1, D), the only output token-pooling reads: the
+        last block then updates only that token (its attention still reads every token), which skips most of
+        that block's work, about 6% of the model at depth 12, with the same result up to float rounding.
+        """
         x, _ = self._embed(x)
-        for block in self.blocks:
-            x = self._run_block(block, x)
+        last = len(self.blocks) - 1
+        for i, block in enumerate(self.blocks):
+            x = self._run_block(block, x, 1 if class_token_only and i == last else None)
         return self.norm(x)
 
     def pool(self, x: torch.Tensor) -> torch.Tensor:
@@ -299,7 +310,7 @@ class VisionTransformer(nn.Module):
         return x if pre_logits else self.head(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
+        return self.forward_head(self.forward_features(x, class_token_only=self.cfg.global_pool == "token"))
 
     def forward_intermediates(
         self,

@@ -74,8 +74,25 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def make_step(model: torch.nn.Module, x: torch.Tensor, mode: str, precision: str) -> Callable[[], None]:
-    """One training step (forward, CE loss, backward, AdamW) or one inference forward."""
+def make_optimizer(impl: str, model: torch.nn.Module, same_optimizer: bool) -> torch.optim.Optimizer:
+    """AdamW as each toolkit's trainer builds it (vitkit: `engine.optim`; timm: `timm.optim.create_optimizer_v2`,
+    what timm's train.py uses), or with `same_optimizer` torch's fused AdamW for both, to compare models alone."""
+    if same_optimizer:
+        return torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05, fused=True)
+    if impl == "timm":
+        from timm.optim import create_optimizer_v2
+
+        return create_optimizer_v2(model, "adamw", lr=1e-4, weight_decay=0.05)
+    from vitkit.engine.config import load_config
+    from vitkit.engine.optim import create_optimizer
+
+    cfg = load_config(["--opt", "adamw", "--lr", "1e-4", "--weight_decay", "0.05"], notices=[])
+    return create_optimizer(model, cfg, next(model.parameters()).device)
+
+
+def make_step(model: torch.nn.Module, x: torch.Tensor, mode: str, precision: str,
+              opt: torch.optim.Optimizer | None = None) -> Callable[[], None]:
+    """One training step (forward, CE loss, backward, `opt`: AdamW) or one inference forward."""
     device = x.device
     dtype = DTYPES[precision]
     autocast = lambda: torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)  # noqa: E731
@@ -87,8 +104,8 @@ def make_step(model: torch.nn.Module, x: torch.Tensor, mode: str, precision: str
                 model(x)
         return infer
     model.train()
-    fused = device.type == "cuda"
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused, foreach=None if fused else True)
+    if opt is None:
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type in ("cuda", "cpu"))
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     y = torch.randint(0, max(model.num_classes, 1), (x.shape[0],), device=device)
 
@@ -114,7 +131,7 @@ def time_steps(step: Callable[[], None], device: torch.device, steps: int) -> fl
 def run(
     model_name: str, batch_size: int, *, mode: str = "both", precision: str = "fp32", compile: bool = False,
     compare: str | None = None, steps: int = 5, warmup: int = 2, repeats: int = 3, device: str = "auto",
-    img_size: int | None = None,
+    img_size: int | None = None, same_optimizer: bool = False,
 ) -> list[Result]:
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                        ("cpu" if device == "auto" else device))
@@ -139,7 +156,8 @@ def run(
         steps_fns = {}
         for name, model in impls.items():
             fn_model = torch.compile(model) if compile else model
-            steps_fns[name] = make_step(fn_model, x, m, precision)
+            opt = make_optimizer(name, model, same_optimizer) if m == "train" else None
+            steps_fns[name] = make_step(fn_model, x, m, precision, opt)
             for _ in range(warmup):  # compile and autotune happen here, outside every timing
                 steps_fns[name]()
         times: dict[str, list[float]] = {n: [] for n in impls}
@@ -203,15 +221,19 @@ def main(argv: Sequence[str]) -> int:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--device", default="auto")
+    p.add_argument("--same_optimizer", action="store_true",
+                   help="train both with torch's fused AdamW (the models alone) instead of each toolkit's own AdamW")
     p.add_argument("--json", action="store_true")
     a = p.parse_args(list(argv))
     get_spec(a.model)  # unknown names fail here with a suggestion
     results = run(a.model, a.batch_size, mode=a.mode, precision=a.precision, compile=a.compile, compare=a.compare,
-                  steps=a.steps, warmup=a.warmup, repeats=a.repeats, device=a.device, img_size=a.img_size)
+                  steps=a.steps, warmup=a.warmup, repeats=a.repeats, device=a.device, img_size=a.img_size,
+                  same_optimizer=a.same_optimizer)
     if a.json:
         print(json.dumps([asdict(r) for r in results], indent=1))
     else:
-        head = (f"{a.model} batch {a.batch_size} {a.precision}{' compiled' if a.compile else ''}, "
+        head = (f"{a.model} batch {a.batch_size} {a.precision}{' compiled' if a.compile else ''}"
+                f"{', same optimizer' if a.same_optimizer else ''}, "
                 f"median of {a.repeats} x {a.steps} steps; {environment()}")
         print(format_table(results, head))
     return 0
