@@ -552,3 +552,20 @@ def test_seeded_deterministic_runs_are_bit_identical_and_recorded(reference_run,
     saved = yaml.safe_load(text)
     assert saved == load_checkpoint(tmp_path / "again" / "last.safetensors").config  # the resolved config
 
+
+
+def test_checkpoint_files_get_the_usual_permissions(tmp_path):
+    """Both files of a checkpoint are readable by the group/others the umask allows (not mkstemp's 0600)."""
+    import stat
+
+    from vitkit.data.preprocess import DataConfig
+    from vitkit.engine.checkpoint import _UMASK, atomic_write, save_checkpoint
+    from vitkit.models import create_model
+
+    model = create_model("vit_n_4_32", depth=1)
+    path = save_checkpoint(tmp_path / "m.safetensors", model, model_name="vit_n_4_32",
+                           data_config=DataConfig(input_size=32))
+    atomic_write(tmp_path / "m.state.pt", lambda tmp: torch.save({"step": 1}, tmp))
+    for p in (path, tmp_path / "m.state.pt"):
+        assert stat.S_IMODE(p.stat().st_mode) == 0o666 & ~_UMASK, p
+    assert not list(tmp_path.glob(".*.tmp"))

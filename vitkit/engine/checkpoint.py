@@ -89,9 +89,11 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes it owner-only; a checkpoint gets the usual permissions
         os.close(fd)
         write(tmp)
+        # mkstemp makes it owner-only (and safetensors' writer recreates the file as such): a checkpoint gets
+        # the usual permissions, as any file the user writes
+        os.chmod(tmp, 0o666 & ~_UMASK)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
