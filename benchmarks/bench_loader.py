@@ -104,7 +104,10 @@ def main() -> int:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--workers", type=int, default=0, help="loader workers (0 = this process, one core)")
     p.add_argument("--rounds", type=int, default=2, help="interleaved rounds; the best of each is kept")
+    p.add_argument("--out", default=None, help="also write the report (with the command) to this markdown file")
     a = p.parse_args()
+    lines: list[str] = []
+    say = lambda line="": (print(line, flush=True), lines.append(line))  # noqa: E731
     torch.set_num_threads(1)
     src = Path(a.src) if Path(a.src).is_dir() else Path(__file__).resolve().parents[1] / "data/cifar10_sample/train"
     files = take_files(src, a.num_images)
@@ -112,10 +115,13 @@ def main() -> int:
     import timm
     import torchvision
 
-    print(f"# bench_loader: {len(files)} images from {src}, batch {a.batch_size}, workers {a.workers}, "
+    say(f"command: `python {' '.join(sys.argv)}`  ")
+    say(time.strftime("date: %Y-%m-%d %H:%M UTC  ", time.gmtime()))
+    say(f"bench_loader: {len(files)} images from {src}, batch {a.batch_size}, workers {a.workers}, "
           f"best of {a.rounds} interleaved rounds; torch {torch.__version__}, torchvision {torchvision.__version__}, "
-          f"timm {timm.__version__}, {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs visible")
-    print("# ImageNet-sized set: the same CIFAR images upscaled to 500x375 (bicubic), re-encoded at JPEG quality 90 "
+          f"timm {timm.__version__}, Pillow {Image.__version__}, python {platform.python_version()}, "
+          f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs visible  ")
+    say("ImageNet-sized set: the same CIFAR images upscaled to 500x375 (bicubic), re-encoded at JPEG quality 90 "
           "into a temp dir")
     makers = {"vitkit": vitkit_loader, "timm create_loader": timm_loader, "torchvision ImageFolder": torchvision_loader}
     with tempfile.TemporaryDirectory() as tmp:
@@ -126,11 +132,16 @@ def main() -> int:
             for s, root in sets.items():
                 for m, make in makers.items():
                     best[s, m] = max(best[s, m], images_per_s(make, root, a.batch_size, a.workers))
-    print(f"\n| images | loader | images/s per core | vs timm |\n|---|---|---|---|")
+    say()
+    say("| images | loader | images/s per core | vs timm |")
+    say("|---|---|---|---|")
     for s in sets:
         ref = best[s, "timm create_loader"]
         for m in makers:
-            print(f"| {s} | {m} | {best[s, m] / cores:.0f} | {best[s, m] / ref:.2f}x |")
+            say(f"| {s} | {m} | {best[s, m] / cores:.0f} | {best[s, m] / ref:.2f}x |")
+    if a.out:
+        Path(a.out).write_text("# bench_loader: the training input pipeline, images/s per CPU core\n\n"
+                               + "\n".join(lines) + "\n")
     return 0
 
 
