@@ -553,7 +553,6 @@ def test_seeded_deterministic_runs_are_bit_identical_and_recorded(reference_run,
     assert saved == load_checkpoint(tmp_path / "again" / "last.safetensors").config  # the resolved config
 
 
-
 def test_checkpoint_files_get_the_usual_permissions(tmp_path):
     """Both files of a checkpoint are readable by the group/others the umask allows (not mkstemp's 0600)."""
     import stat

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from vitkit.engine.config import Config
+from vitkit.engine.distributed import is_fsdp
 
 
 def _layer_id(name: str, depth: int) -> int:
@@ -134,8 +135,8 @@ def create_optimizer(model: nn.Module, cfg: Config, device: torch.device | None 
         g["lr"] = cfg.lr * g["lr_scale"]
     dev_type = device.type if device is not None else next(model.parameters()).device.type
     # FSDP2's sharded parameters (DTensor) have no sharding rule for some fused kernels (fused SGD): foreach there.
-    sharded = any(type(p).__name__ == "DTensor" for p in model.parameters())
-    kernel = {"fused": True} if dev_type in ("cuda", "cpu") and not sharded else {"foreach": True}
+    fused = dev_type in ("cuda", "cpu") and not is_fsdp(model)
+    kernel = {"fused": True} if fused else {"foreach": True}
     betas = (cfg.momentum, cfg.beta2)
     if cfg.opt == "adamw":
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=betas, eps=cfg.eps, **kernel)

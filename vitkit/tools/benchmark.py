@@ -87,12 +87,12 @@ def make_optimizer(impl: str, model: torch.nn.Module, same_optimizer: bool) -> t
     from vitkit.engine.optim import create_optimizer
 
     cfg = load_config(["--opt", "adamw", "--lr", "1e-4", "--weight_decay", "0.05"], notices=[])
-    return create_optimizer(model, cfg, next(model.parameters()).device)
+    return create_optimizer(model, cfg)  # the device is the parameters'
 
 
 def make_step(model: torch.nn.Module, x: torch.Tensor, mode: str, precision: str,
               opt: torch.optim.Optimizer | None = None) -> Callable[[], None]:
-    """One training step (forward, CE loss, backward, `opt`: AdamW) or one inference forward."""
+    """One training step (forward, CE loss, backward, `opt`) or one inference forward (`opt` unused)."""
     device = x.device
     dtype = DTYPES[precision]
     autocast = lambda: torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)  # noqa: E731
@@ -103,9 +103,9 @@ def make_step(model: torch.nn.Module, x: torch.Tensor, mode: str, precision: str
             with torch.inference_mode(), autocast():
                 model(x)
         return infer
-    model.train()
     if opt is None:
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type in ("cuda", "cpu"))
+        raise ValueError("a train step needs its optimizer (make_optimizer)")
+    model.train()
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     y = torch.randint(0, max(model.num_classes, 1), (x.shape[0],), device=device)
 
