@@ -3,7 +3,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test test-slow bench clean
+.PHONY: demo lint test test-slow bench clean
 
 $(BIN)/vitkit: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -13,6 +13,10 @@ $(BIN)/vitkit: pyproject.toml
 # Train the built-in demo recipe (a small ViT on the CIFAR-10 sample in data/), then validate the result.
 demo: $(BIN)/vitkit
 	$(BIN)/vitkit demo
+
+# Lint and import order (ruff, configured in pyproject.toml); CI runs it before the tests.
+lint: $(BIN)/vitkit
+	$(BIN)/ruff check .
 
 # The default suite: fast CPU tests. `make test-slow` runs the ones marked slow.
 test: $(BIN)/vitkit

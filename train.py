@@ -4,7 +4,7 @@ The same as `vitkit train ...` (see `vitkit/engine/train.py`).
 """
 import sys
 
-from vitkit.engine.train import cli
+from vitkit.cli import main
 
 if __name__ == "__main__":
-    sys.exit(cli())
+    sys.exit(main(["train", *sys.argv[1:]]))

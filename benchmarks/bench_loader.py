@@ -49,19 +49,20 @@ def make_set(files: list[Path], out: Path, size: tuple[int, int] | None) -> Path
 
 
 def vitkit_loader(root: Path, batch: int, workers: int):
-    from vitkit.data import DataConfig, build_dataset, build_transform
+    from vitkit.data import DataConfig, build_transform
     from vitkit.data.loader import Loader, ShardPlan
     from vitkit.engine.config import load_config
+    from vitkit.engine.data_args import augment_from_config, dataset_from_config
 
     cfg = load_config(["--dataset", "imagefolder", "--data_dir", str(root.parent), "--train_split", root.name,
                        "--image_resize", "224", "--auto_augment", "randaug-m9-mstd0.5", "--interpolation",
                        "bilinear", "--batch_size", str(batch), "--num_parallel_workers", str(workers)], notices=[])
-    ds = build_dataset(cfg, root.name, train=True)
+    ds = dataset_from_config(cfg, root.name, train=True)
     dc = DataConfig(input_size=224, mean=MEAN, std=STD, interpolation="bilinear")
     # small_data=False: the ImageNet pipeline (RandomResizedCrop) even on 32x32 files, as the others run it.
-    tf = build_transform(dc, cfg, train=True, small_data=False, normalize=False)
+    tf = build_transform(dc, train=True, **augment_from_config(cfg), small_data=False, normalize=False)
     plan = ShardPlan(len(ds), batch_size=batch, train=True, seed=0, drop_remainder=True)
-    loader = Loader(ds, plan, transform=tf, seed=0, num_workers=workers, normalize=(dc.mean, dc.std))
+    loader = Loader(ds, plan, transform=tf, seed=0, num_workers=workers, normalize=dc)
     loader.set_epoch(0)
     return loader
 

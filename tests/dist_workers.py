@@ -7,6 +7,8 @@ PMI_*) and then goes through vitkit's real `init_distributed`, so the tests cove
 """
 from __future__ import annotations
 
+import dataclasses
+
 import os
 import sys
 from pathlib import Path
@@ -16,11 +18,10 @@ import torch
 import torch.nn.functional as F
 
 from vitkit.data.datasets import ArrayDataset
-from vitkit.data.loader import build_loader
-from vitkit.data.preprocess import resolve_data_config
 from vitkit.engine import distributed as D
 from vitkit.engine.checkpoint import save_checkpoint
-from vitkit.engine.config import Config
+from vitkit.engine.config import Config, optimizer_args
+from vitkit.engine.data_args import data_config_from_config, loader_from_config
 from vitkit.engine.evaluate import evaluate
 from vitkit.engine.optim import create_optimizer
 from vitkit.models.registry import create_model, get_spec
@@ -47,9 +48,7 @@ def tiny_cfg(**overrides: Any) -> Config:
     of ~1e-4 that say nothing about the distributed engine. SGD leaves rounding noise at rounding size."""
     cfg = Config(model=MODEL, device="cpu", seed=7, batch_size=BATCH, image_resize=32, num_parallel_workers=0,
                  opt="momentum", lr=0.05, weight_decay=1e-4, epoch_size=1, warmup_epochs=0)
-    for key, value in overrides.items():
-        setattr(cfg, key, value)
-    return cfg
+    return dataclasses.replace(cfg, **overrides)
 
 
 def tiny_data(n: int, seed: int) -> ArrayDataset:
@@ -70,12 +69,12 @@ def train_steps(cfg: Config, info: D.DistInfo, steps: int = STEPS, *, model: Any
     """`steps` optimizer steps of batch_size x world_size x gradient_accumulation_steps images each."""
     if model is None:
         model = build_model(cfg, info)
-        opt = create_optimizer(D.unwrap_model(model), cfg)
+        opt = create_optimizer(D.unwrap_model(model), **optimizer_args(cfg))
     D.seed_for_augmentation(cfg, info.rank)
     accum = cfg.gradient_accumulation_steps
-    data_config = resolve_data_config(cfg, get_spec(MODEL))
-    loader = build_loader(cfg, tiny_data(64, seed=1), train=True, data_config=data_config, rank=info.rank,
-                          world_size=info.world_size)
+    data_config = data_config_from_config(cfg, get_spec(MODEL))
+    loader = loader_from_config(cfg, tiny_data(64, seed=1), train=True, data_config=data_config, rank=info.rank,
+                                world_size=info.world_size)
     loader.set_epoch(0, start_batch=start_batch)
     batches = iter(loader)
     for _ in range(steps):
@@ -89,9 +88,9 @@ def train_steps(cfg: Config, info: D.DistInfo, steps: int = STEPS, *, model: Any
 
 
 def eval_loader(cfg: Config, info: D.DistInfo) -> Any:
-    return build_loader(cfg, tiny_data(EVAL_IMAGES, seed=2), train=False,
-                        data_config=resolve_data_config(cfg, get_spec(MODEL)), rank=info.rank,
-                        world_size=info.world_size)
+    return loader_from_config(cfg, tiny_data(EVAL_IMAGES, seed=2), train=False,
+                              data_config=data_config_from_config(cfg, get_spec(MODEL)), rank=info.rank,
+                              world_size=info.world_size)
 
 
 def save_run(path: Path, cfg: Config, model: torch.nn.Module, opt: torch.optim.Optimizer) -> None:
@@ -99,7 +98,7 @@ def save_run(path: Path, cfg: Config, model: torch.nn.Module, opt: torch.optim.O
     optim_state = D.optimizer_state_dict(model, opt)
     plain = D.gathered_model(model)
     if D.is_main():
-        save_checkpoint(path, plain, model_name=MODEL, data_config=resolve_data_config(cfg, get_spec(MODEL)),
+        save_checkpoint(path, plain, model_name=MODEL, data_config=data_config_from_config(cfg, get_spec(MODEL)),
                         config=cfg.to_dict(), step=STEPS, train_state={"optimizer": optim_state})
     D.barrier()
 
@@ -131,7 +130,7 @@ def scenario_train(out: Path) -> None:
                 ckpt = load_checkpoint(out / "single.safetensors")
                 model = build_model(cfg, info)
                 D.load_model_state_dict(model, ckpt.state_dict)
-                opt = create_optimizer(D.unwrap_model(model), cfg)
+                opt = create_optimizer(D.unwrap_model(model), **optimizer_args(cfg))
                 D.load_optimizer_state_dict(model, opt, load_train_state(ckpt.path)["optimizer"])
                 model, opt = train_steps(cfg, info, 1, model=model, opt=opt, start_batch=STEPS)
                 results["fsdp_resumed"] = D.model_state_dict(model)

@@ -3,6 +3,7 @@ every value, the command-line forms, MindCV's own ViT recipe loading unchanged, 
 suggest the closest one, and the resolved config a run saves beside its checkpoints."""
 from __future__ import annotations
 
+import dataclasses
 import re
 from pathlib import Path
 
@@ -11,11 +12,11 @@ import torch
 import yaml
 from torchvision.transforms import v2
 
-from vitkit.data import resolve_data_config
 from vitkit.data.transforms import build_transform
 from vitkit.engine.checkpoint import load_checkpoint
-from vitkit.engine.config import FIELDS, IGNORED_KEYS, RENAMED_KEYS, ConfigError, from_dict, load_config
-from vitkit.engine.train import build_config, run
+from vitkit.engine.config import FIELDS, IGNORED_KEYS, RENAMED_KEYS, ConfigError, from_dict, load_config, resolve
+from vitkit.engine.data_args import data_config_from_config
+from vitkit.engine.train import run
 from vitkit.models import get_spec
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -185,8 +186,8 @@ def test_mindcv_vit_recipe_loads_unchanged_with_one_line_notices(tmp_path: Path)
     assert (cfg.lr_epoch_stair, cfg.pretrained, cfg.ckpt_path, cfg.crop_pct) == (True, False, "", 0.875)
     assert cfg.color_jitter == (0.4, 0.4, 0.4) and cfg.auto_augment is None
     # ... and used: the list of jitter strengths reaches the training transform
-    cfg.color_jitter = (0.4, 0.3, 0.2)
-    tf = build_transform(resolve_data_config(cfg, get_spec(cfg.model)), cfg, train=True)
+    cfg = dataclasses.replace(cfg, color_jitter=(0.4, 0.3, 0.2))
+    tf = build_transform(data_config_from_config(cfg, get_spec(cfg.model)), train=True, color_jitter=cfg.color_jitter)
     (jitter,) = [t for t in tf.transforms if isinstance(t, v2.ColorJitter)]
     assert (jitter.brightness, jitter.contrast, jitter.saturation) == ((0.6, 1.4), (0.7, 1.3), (0.8, 1.2))
 
@@ -265,7 +266,7 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[str], Path]
 
 def test_run_saves_the_resolved_config_with_sources_and_it_round_trips(tiny_run: tuple[list[str], Path]) -> None:
     argv, run_dir = tiny_run
-    expected = build_config(argv, [])
+    expected = resolve(argv, notices=[])
     text = (run_dir / "config.yaml").read_text()
     # every key once, with its source as a trailing comment
     entries = [line for line in text.splitlines() if not line.startswith("#")]

@@ -2,6 +2,8 @@
 determinism and sharding."""
 from __future__ import annotations
 
+import dataclasses
+
 import random
 from pathlib import Path
 
@@ -10,11 +12,12 @@ import pytest
 import torch
 from PIL import Image
 
-from vitkit.data import DataConfig, build_dataset, build_loader, build_mixup, build_transform
+from vitkit.data import DataConfig, build_transform
 from vitkit.data.augment import RAND_OPS, RAND_OPS_INCREASING, AugmentOp, build_auto_augment
 from vitkit.data.loader import ShardPlan
 from vitkit.data.transforms import to_rgb
 from vitkit.engine.config import load_config
+from vitkit.engine.data_args import augment_from_config, dataset_from_config, loader_from_config, mixup_from_config
 from vitkit.errors import DataError
 
 SAMPLE = Path(__file__).resolve().parents[1] / "data" / "cifar10_sample"
@@ -84,13 +87,53 @@ def test_each_op_matches_timm(name):
 
 
 @pytest.mark.parametrize("text", ["randaug-m9-n2-mstd0.5-inc1", "rand-m7-mstd101", "autoaug", "autoaugr-mstd0.5",
-                                  "3a", "trivialaugwide", "augmix-m3-w3"])
+                                  "3a", "trivialaugwide", "augmix-m3-w3", "randaug-m9-mstd0.5", "autoaugr", "augmix"])
 def test_auto_augment_strings_run(text):
     aug = build_auto_augment(text, img_size=32, mean=(0.5, 0.5, 0.5), interpolation="bilinear")
     random.seed(0)
     torch.manual_seed(0)
     out = aug(_photo(32, 32))
     assert out.size == (32, 32) and out.mode == "RGB"
+    # An identity transform must fail: for most seeds the image changes, and not always in the same way.
+    img = _photo(32, 32, seed=5)
+    outs = []
+    for seed in range(8):
+        random.seed(seed)
+        torch.manual_seed(seed)
+        outs.append(np.asarray(aug(img)))
+    changed = [not np.array_equal(o, np.asarray(img)) for o in outs]
+    assert sum(changed) >= 4, f"{text}: changed the image for only {sum(changed)} of 8 seeds"
+    assert len({o.tobytes() for o in outs}) >= 2, f"{text}: the same output for every seed"
+
+
+# AutoContrast, Equalize and Invert take no magnitude by design; every other op's argument comes from it.
+MAGNITUDE_FREE_OPS = {"AutoContrast", "Equalize", "Invert"}
+
+
+@pytest.mark.parametrize("inc", [0, 1])
+def test_each_rand_op_at_m9_changes_the_image(inc):
+    """Every RandAugment op at magnitude 9 changes an image that gives it something to act on, and (unless it
+    takes no magnitude) acts differently at magnitude 3. The image has gradients from 10 to 250 (AutoContrast
+    stretches them, Solarize at m9 inverts only pixels >= 230, SolarizeAdd lifts pixels < 128) and a checkerboard
+    (Sharpness acts on edges, not on a linear ramp)."""
+    y, x = np.mgrid[0:32, 0:32]
+    img = Image.fromarray(np.stack([10 + x * 240 // 31, 250 - y * 240 // 31,
+                                    np.where((x // 4 + y // 4) % 2, 200, 60)], -1).astype(np.uint8))
+    base = np.asarray(img)
+    strong, weak = (build_auto_augment(f"randaug-m{m}-p1-inc{inc}", img_size=32, mean=(0.5, 0.5, 0.5),
+                                       interpolation="bilinear") for m in (9, 3))
+    assert [op.name for op in strong.ops] == list(RAND_OPS_INCREASING if inc else RAND_OPS)
+    for op9, op3 in zip(strong.ops, weak.ops):
+        for seed in (0, 1):
+            random.seed(seed)
+            out9 = np.asarray(op9(img))
+            random.seed(seed)
+            out3 = np.asarray(op3(img))
+            assert out9.shape == base.shape and not np.array_equal(out9, base), (op9.name, seed)
+            if op9.name not in MAGNITUDE_FREE_OPS:
+                assert not np.array_equal(out9, out3), (op9.name, seed)
+            else:
+                assert np.array_equal(out9, out3), (op9.name, seed)
 
 
 def test_unknown_auto_augment_is_a_config_error():
@@ -103,7 +146,7 @@ def test_unknown_auto_augment_is_a_config_error():
 def test_mixup_and_cutmix_targets():
     x = torch.arange(4 * 3 * 16 * 16, dtype=torch.float32).view(4, 3, 16, 16)
     y = torch.tensor([0, 1, 2, 3])
-    cutmix = build_mixup(_cfg("--cutmix", "1.0", "--label_smoothing", "0.1"), 5)
+    cutmix = mixup_from_config(_cfg("--cutmix", "1.0", "--label_smoothing", "0.1"), 5)
     for step in range(20):
         xm, ym = cutmix(x, y, step)
         assert torch.allclose(ym.sum(1), torch.ones(4))
@@ -118,19 +161,19 @@ def test_mixup_and_cutmix_targets():
         # targets: lam of own (smoothed) one-hot + (1 - lam) of the flipped sample's
         assert ym[0, 0].item() == pytest.approx(lam * (0.9 + 0.02) + 0.02 * (1 - lam))
         assert ym[0, 3].item() == pytest.approx((1 - lam) * (0.9 + 0.02) + 0.02 * lam)
-    mixup = build_mixup(_cfg("--mixup", "0.8"), 5)
+    mixup = mixup_from_config(_cfg("--mixup", "0.8"), 5)
     xm, ym = mixup(x, y, 7)
     lam = mixup.last["lam"]
     assert torch.allclose(xm, lam * x + (1 - lam) * x.flip(0)) and torch.allclose(ym.sum(1), torch.ones(4))
     assert mixup(x, y, 7)[1].equal(ym)  # a function of (seed, step)
-    assert build_mixup(_cfg(), 5) is None
+    assert mixup_from_config(_cfg(), 5) is None
 
 
 @pytest.mark.parametrize("crop_pct,resize", [(0.875, 256), (1.0, 224)])
 def test_eval_crop_sizes(crop_pct, resize):
     dc = DataConfig(input_size=224, crop_pct=crop_pct)
     assert dc.resize_size == resize
-    tf = build_transform(dc, None, train=False)
+    tf = build_transform(dc, train=False)
     _photo(300, 200).save("/tmp/_vitkit_eval.jpg", quality=95)
     assert tf.transforms[0](Image.open("/tmp/_vitkit_eval.jpg")).size == (int(resize * 300 / 200), resize)
     assert tf(Image.open("/tmp/_vitkit_eval.jpg")).shape == (3, 224, 224)
@@ -142,7 +185,7 @@ def test_train_transform_normalizes_with_mean_std_in_255_units():
     assert to_unit_range((127.5, 127.5, 127.5)) == (0.5, 0.5, 0.5)
     dc = DataConfig(input_size=32, mean=(0.5,) * 3, std=(0.5,) * 3)
     flat = Image.new("RGB", (32, 32), (255, 0, 255))
-    out = build_transform(dc, _cfg("--hflip", "0"), train=True, small_data=True)(flat)
+    out = build_transform(dc, train=True, **augment_from_config(_cfg("--hflip", "0")), small_data=True)(flat)
     assert out.shape == (3, 32, 32) and out[1].max() == -1.0 and out[0].max() == 1.0
 
 
@@ -166,35 +209,36 @@ def test_mode_conversions_to_rgb():
 
 def test_data_errors(tmp_path):
     with pytest.raises(DataError, match="does not exist"):
-        build_dataset(_cfg("--data_dir", str(tmp_path / "nope")), "train", train=True)
+        dataset_from_config(_cfg("--data_dir", str(tmp_path / "nope")), "train", train=True)
     with pytest.raises(DataError, match="empty"):
-        build_dataset(_cfg("--data_dir", str(tmp_path)), "train", train=True)
+        dataset_from_config(_cfg("--data_dir", str(tmp_path)), "train", train=True)
     _folder(tmp_path, {"a": 2, "b": 1})
     with pytest.raises(DataError, match="split folder .*val"):
-        build_dataset(_cfg("--data_dir", str(tmp_path)), "val", train=False)
+        dataset_from_config(_cfg("--data_dir", str(tmp_path)), "val", train=False)
     (tmp_path / "train" / "c_empty").mkdir()
     with pytest.raises(DataError, match="c_empty"):
-        build_dataset(_cfg("--data_dir", str(tmp_path)), "train", train=True)
+        dataset_from_config(_cfg("--data_dir", str(tmp_path)), "train", train=True)
     with pytest.raises(DataError, match="dataset_download"):
-        build_dataset(_cfg("--data_dir", str(tmp_path), "--dataset", "cifar10"), "test", train=False)
+        dataset_from_config(_cfg("--data_dir", str(tmp_path), "--dataset", "cifar10"), "test", train=False)
 
 
 def test_imagefolder_any_split_and_cifar_jpeg_copy():
-    ds = build_dataset(_cfg("--data_dir", str(SAMPLE)), "test", train=False)
+    ds = dataset_from_config(_cfg("--data_dir", str(SAMPLE)), "test", train=False)
     assert ds.classes[:2] == ["airplane", "automobile"] and len(ds.classes) == 10 and len(ds) == 1000
-    cif = build_dataset(_cfg("--data_dir", str(SAMPLE), "--dataset", "cifar10"), "test", train=False)
+    cif = dataset_from_config(_cfg("--data_dir", str(SAMPLE), "--dataset", "cifar10"), "test", train=False)
     assert cif.classes == ds.classes and len(cif) == len(ds)
     # the default val_split ("val") on a CIFAR JPEG copy evaluates on its test/ folder, as the python format does
-    cif_val = build_dataset(_cfg("--data_dir", str(SAMPLE), "--dataset", "cifar10"), "val", train=False)
+    cif_val = dataset_from_config(_cfg("--data_dir", str(SAMPLE), "--dataset", "cifar10"), "val", train=False)
     assert cif_val.samples == cif.samples and len(cif_val) == 1000
 
 
 def test_num_samples_is_stratified_and_seeded(tmp_path):
     _folder(tmp_path, {"a": 30, "b": 20, "c": 10}, size=8)
-    ds = build_dataset(_cfg("--data_dir", str(tmp_path), "--num_samples", "30"), "train", train=True)
+    ds = dataset_from_config(_cfg("--data_dir", str(tmp_path), "--num_samples", "30"), "train", train=True)
     assert len(ds) == 30 and np.bincount(ds.targets).tolist() == [15, 10, 5]
-    again = build_dataset(_cfg("--data_dir", str(tmp_path), "--num_samples", "30"), "train", train=True)
-    other = build_dataset(_cfg("--data_dir", str(tmp_path), "--num_samples", "30", "--seed", "7"), "train", train=True)
+    again = dataset_from_config(_cfg("--data_dir", str(tmp_path), "--num_samples", "30"), "train", train=True)
+    other = dataset_from_config(_cfg("--data_dir", str(tmp_path), "--num_samples", "30", "--seed", "7"), "train",
+                                train=True)
     assert again.indices == ds.indices and other.indices != ds.indices
 
 
@@ -215,8 +259,8 @@ def test_corrupt_images_are_reported_and_replaced(tmp_path, in_memory, caplog):
     root = _with_bad_files(tmp_path, 3)
     cfg = _cfg("--data_dir", str(root), "--batch_size", "9", "--in_memory", str(in_memory).lower(),
                "--image_resize", "32", "--no-drop_remainder")
-    ds = build_dataset(cfg, "train", train=True)
-    loader = build_loader(cfg, ds, train=True, data_config=DataConfig(input_size=32))
+    ds = dataset_from_config(cfg, "train", train=True)
+    loader = loader_from_config(cfg, ds, train=True, data_config=DataConfig(input_size=32))
     loader.set_epoch(0)
     n = sum(len(t) for _, t in loader)
     st = loader.stats()
@@ -229,7 +273,8 @@ def test_too_many_bad_images_stop_the_run(tmp_path):
     root = _with_bad_files(tmp_path, 14)
     cfg = _cfg("--data_dir", str(root), "--batch_size", "8", "--image_resize", "32", "--in_memory", "false",
                "--bad_image_limit", "0.0")
-    loader = build_loader(cfg, build_dataset(cfg, "train", train=True), train=True, data_config=DataConfig(32))
+    ds = dataset_from_config(cfg, "train", train=True)
+    loader = loader_from_config(cfg, ds, train=True, data_config=DataConfig(32))
     with pytest.raises(DataError, match="unreadable images"):
         for _ in loader:
             pass
@@ -246,11 +291,11 @@ def _epoch(loader, epoch, start=0):
 def test_same_batches_for_any_workers_and_resume_mid_epoch(in_memory):
     cfg = _cfg("--data_dir", str(SAMPLE), "--batch_size", "8", "--num_samples", "40", "--image_resize", "32",
                "--auto_augment", "randaug-m9-mstd0.5", "--re_prob", "0.5", "--in_memory", in_memory)
-    ds = build_dataset(cfg, "train", train=True)
+    ds = dataset_from_config(cfg, "train", train=True)
     dc = DataConfig(input_size=32)
-    ref = build_loader(cfg, ds, train=True, data_config=dc)
-    cfg.num_parallel_workers = 2
-    two = build_loader(cfg, ds, train=True, data_config=dc)
+    ref = loader_from_config(cfg, ds, train=True, data_config=dc)
+    cfg = dataclasses.replace(cfg, num_parallel_workers=2)
+    two = loader_from_config(cfg, ds, train=True, data_config=dc)
     assert two._loader.num_workers == 2
     a, b = _epoch(ref, 1), _epoch(two, 1)
     assert len(a) == len(ref) == 5
@@ -267,8 +312,8 @@ def test_same_batches_for_any_workers_and_resume_mid_epoch(in_memory):
 
 def test_in_memory_batches_are_deterministic_and_resumable():
     cfg = _cfg("--data_dir", str(SAMPLE), "--batch_size", "16", "--num_samples", "64", "--image_resize", "32")
-    ds = build_dataset(cfg, "train", train=True)
-    loader = build_loader(cfg, ds, train=True, data_config=DataConfig(input_size=32))
+    ds = dataset_from_config(cfg, "train", train=True)
+    loader = loader_from_config(cfg, ds, train=True, data_config=DataConfig(input_size=32))
     assert loader.batch_fn is not None
     full = _epoch(loader, 3)
     tail = _epoch(loader, 3, start=2)
@@ -340,14 +385,14 @@ def test_gpu_decode_path_runs_on_cpu_and_matches_eval_crop(tmp_path, caplog):
         _photo(120, 90, seed=i).save(tmp_path / "val" / "a" / f"{i}.jpg", quality=95)
     cfg = _cfg("--data_dir", str(tmp_path), "--batch_size", "4", "--gpu_decode", "--in_memory", "false")
     dc = DataConfig(input_size=64, crop_pct=1.0, interpolation="bilinear")
-    ds = build_dataset(cfg, "val", train=False)
+    ds = dataset_from_config(cfg, "val", train=False)
     with caplog.at_level("WARNING"):
-        (x, y), = _epoch(build_loader(cfg, ds, train=False, data_config=dc), 0)
+        (x, y), = _epoch(loader_from_config(cfg, ds, train=False, data_config=dc), 0)
     if not torch.cuda.is_available():  # the recovery is said, not silent
         assert "no CUDA GPU; decoding on the CPU instead" in caplog.text
-    ref = torch.stack([build_transform(dc, None, train=False, small_data=False)(ds.load(i)) for i in range(4)])
+    ref = torch.stack([build_transform(dc, train=False, small_data=False)(ds.load(i)) for i in range(4)])
     assert x.shape == ref.shape == (4, 3, 64, 64) and (x - ref).abs().mean() < 0.05
-    cfg.val_split = cfg.train_split = "val"
-    train = build_loader(cfg, ds, train=True, data_config=dc)
+    cfg = dataclasses.replace(cfg, val_split="val", train_split="val")
+    train = loader_from_config(cfg, ds, train=True, data_config=dc)
     (a, _), (b, _) = _epoch(train, 2)[0], _epoch(train, 2)[0]
     assert a.shape == (4, 3, 64, 64) and torch.equal(a, b)

@@ -18,7 +18,7 @@ import torch.multiprocessing as mp
 import dist_workers as W
 from vitkit.engine import distributed as D
 from vitkit.engine.checkpoint import load_checkpoint, load_train_state
-from vitkit.engine.config import Config
+from vitkit.engine.config import Config, optimizer_args
 from vitkit.engine.evaluate import evaluate
 from vitkit.engine.optim import create_optimizer
 from vitkit.errors import ConfigError
@@ -181,7 +181,7 @@ def test_fsdp_checkpoint_loads_in_one_process(train_run: tuple[Path, dict]) -> N
     assert result["num_images"] == sharded["num_images"] == W.EVAL_IMAGES
     assert (result["correct1"], result["correct5"]) == (sharded["correct1"], sharded["correct5"])
     assert result["loss"] == pytest.approx(sharded["loss"], rel=1e-5)
-    opt = create_optimizer(model, cfg)
+    opt = create_optimizer(model, **optimizer_args(cfg))
     opt.load_state_dict(load_train_state(ckpt.path)["optimizer"])  # plain torch loading, no FSDP
     single = load_train_state(out / "single.safetensors")["optimizer"]
     for i, s in single["state"].items():

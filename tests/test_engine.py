@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from vitkit.engine.checkpoint import atomic_write, load_checkpoint, load_train_state
-from vitkit.engine.config import load_config
-from vitkit.engine.loop import Trainer, apply_smoke
+from vitkit.engine.config import load_config, precision_args, resolve
+from vitkit.engine.loop import Trainer
 from vitkit.engine.loss import classification_loss
 from vitkit.engine.precision import resolve_precision
 from vitkit.engine.saver import CheckpointSaver
@@ -172,14 +172,16 @@ def test_checkpoint_policies(tmp_path, policy, kept):
 
 def test_amp_levels_on_cpu():
     cpu = torch.device("cpu")
-    p = resolve_precision(load_config(["--amp_level", "O2"], notices=[]), cpu)
+    p = resolve_precision(device=cpu, **precision_args(load_config(["--amp_level", "O2"], notices=[])))
     assert p.autocast_dtype is None and "fp32" in p.notice and not p.scaler.is_enabled()
-    p = resolve_precision(load_config(["--amp_level", "O1", "--amp_dtype", "bfloat16"], notices=[]), cpu)
+    p = resolve_precision(device=cpu, **precision_args(load_config(["--amp_level", "O1", "--amp_dtype", "bfloat16"],
+                                                                   notices=[])))
     assert p.autocast_dtype == torch.bfloat16 and not p.scaler.is_enabled()
     with p.autocast():
         assert torch.nn.Linear(4, 4)(torch.randn(2, 4)).dtype == torch.bfloat16
-    p = resolve_precision(load_config(["--amp_level", "O2", "--amp_dtype", "float16", "--loss_scale_type", "fixed",
-                                       "--loss_scale", "256"], notices=[]), cpu)
+    p = resolve_precision(device=cpu, **precision_args(load_config(
+        ["--amp_level", "O2", "--amp_dtype", "float16", "--loss_scale_type", "fixed", "--loss_scale", "256"],
+        notices=[])))
     assert p.scaler.is_enabled() and p.scaler.get_scale() == 256.0
     w = torch.nn.Parameter(torch.ones(2))
     opt = torch.optim.SGD([w], lr=0.1)
@@ -187,13 +189,13 @@ def test_amp_levels_on_cpu():
     p.scaler.step(opt)  # overflow: skipped
     p.update_scaler()
     assert p.scaler.get_scale() == 256.0 and torch.equal(w.detach(), torch.ones(2))  # fixed scale kept
-    p = resolve_precision(load_config(["--amp_level", "O3", "--amp_dtype", "bfloat16"], notices=[]), cpu)
+    p = resolve_precision(device=cpu, **precision_args(load_config(["--amp_level", "O3", "--amp_dtype", "bfloat16"],
+                                                                   notices=[])))
     assert p.param_dtype == torch.bfloat16
 
 
 def test_smoke_shrinks_any_recipe():
-    cfg = load_config(["-c", str(ROOT / "configs/vit/vit_b32_224.yaml"), "--smoke"], notices=[])
-    apply_smoke(cfg)
+    cfg = resolve(["-c", str(ROOT / "configs/vit/vit_b32_224.yaml"), "--smoke"], notices=[])
     assert (cfg.epoch_size, cfg.batch_size, cfg.num_samples) == (2, 8, 32)
     assert cfg.warmup_epochs == pytest.approx(0.2) and cfg.decay_epochs == pytest.approx(1.8)
     assert cfg.sources["epoch_size"] == "smoke"

@@ -93,7 +93,8 @@ def test_with_preprocess_takes_uint8_nhwc_and_returns_probabilities(tmp_path: Pa
     u8 = torch.randint(0, 256, (3, 40, 40, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     probs = session.run(None, {"x": u8.numpy()})[0]
     dc = im.data_config
-    x = (u8.permute(0, 3, 1, 2).float() / 255 - torch.tensor(dc.mean).view(1, 3, 1, 1)) / torch.tensor(dc.std).view(1, 3, 1, 1)
+    mean, std = torch.tensor(dc.mean).view(1, 3, 1, 1), torch.tensor(dc.std).view(1, 3, 1, 1)
+    x = (u8.permute(0, 3, 1, 2).float() / 255 - mean) / std
     with torch.no_grad():
         ref = eager_dynamic(ckpt)(x).softmax(-1).numpy()
     assert np.allclose(probs.sum(-1), 1.0, atol=1e-5) and np.abs(probs - ref).max() <= 1e-5
@@ -128,3 +129,15 @@ def test_onnx_of_vit_b_32_224_matches_eager_on_256_cifar_images(tmp_path: Path) 
     native = meta["check"]["native_size"]
     assert native["inputs"].startswith("256 images") and native["max_abs_diff"] <= 1e-4
     assert native["top1_agreement"] == 100.0 and meta["check"]["other_size"]["top1_agreement"] == 100.0
+
+
+@pytest.mark.parametrize("pos_embed", ["learn", "sincos2d", "none"])
+def test_every_pos_embed_variant_exports_to_onnx_with_the_check_passing(tmp_path: Path, pos_embed: str) -> None:
+    """A position embedding is a `ViTConfig.pos_embed` value: vit.py alone; export and checkpoints follow."""
+    ckpt = checkpoint(tmp_path / "v.safetensors", depth=1, pos_embed=pos_embed)
+    im = load_inference_model(str(ckpt))
+    assert im.model.cfg.pos_embed == pos_embed
+    assert ("pos_embed" in im.model.state_dict()) == (pos_embed == "learn")  # fixed values are not weights
+    meta = run_export(im, "onnx", tmp_path / "v.onnx", dynamic_size=True, check_folder=CHECK_IMAGES, check_count=32)
+    assert meta["check"]["passed"], meta["check"]
+    assert meta["check"]["other_size"]["input_size"] == 48

@@ -7,7 +7,8 @@ import torch
 from vitkit.data.preprocess import DataConfig
 from vitkit.engine.checkpoint import load_checkpoint, save_checkpoint
 from vitkit.models import ViTConfig, VisionTransformer, create_model, get_spec, list_models, resample_pos_embed
-from vitkit.models.registry import count_macs, count_params_from_config, register, ModelSpec
+from vitkit.models.registry import count_macs, register, ModelSpec
+from vitkit.models.vit import count_params
 
 SEED_NAMES = ["vit_b_16_224", "vit_b_16_384", "vit_b_32_224", "vit_b_32_384", "vit_l_16_224", "vit_l_16_384",
               "vit_l_32_224"]
@@ -26,7 +27,7 @@ def test_seed_and_extra_names_are_registered():
     ("vit_l_16_224", 304_326_632), ("vit_l_32_224", 306_535_400),
 ])
 def test_param_counts_equal_timm(name, params):
-    assert count_params_from_config(get_spec(name).arch) == params
+    assert count_params(get_spec(name).arch) == params
 
 
 def test_gmacs_match_timm_published():
@@ -198,3 +199,51 @@ def test_matches_timm_bitwise_with_same_weights():
         with torch.no_grad():
             assert torch.equal(ours.forward_features(x), ref.forward_features(x))  # bit for bit
             assert (ours(x) - ref(x)).abs().max().item() <= 1e-5  # seen: about 1e-6
+
+
+def _posemb_sincos_2d(h: int, w: int, width: int, temperature: float = 10_000.0) -> torch.Tensor:
+    """big_vision's `posemb_sincos_2d` (big_vision/models/vit.py), transcribed to numpy in float64."""
+    import numpy as np
+
+    y, x = np.mgrid[:h, :w]
+    omega = 1.0 / temperature ** (np.arange(width // 4) / (width // 4 - 1))
+    y, x = np.einsum("m,d->md", y.flatten(), omega), np.einsum("m,d->md", x.flatten(), omega)
+    return torch.from_numpy(np.concatenate([np.sin(x), np.cos(x), np.sin(y), np.cos(y)], axis=1)[None]).float()
+
+
+def test_sincos2d_is_big_vision_posemb_and_a_buffer_recomputed_per_grid():
+    model = create_model("vit_n_4_32", depth=1, pos_embed="sincos2d").eval()
+    pe, dim = model.pos_embed, model.embed_dim
+    assert not isinstance(pe, torch.nn.Parameter) and "pos_embed" not in model.state_dict()
+    assert "pos_embed" in dict(model.named_buffers()) and "pos_embed" not in dict(model.named_parameters())
+    assert torch.equal(pe[:, :1], torch.zeros(1, 1, dim))  # the class token gets no position (MAE)
+    assert torch.allclose(pe[:, 1:], _posemb_sincos_2d(8, 8, dim), atol=1e-5)
+    dynamic = create_model("vit_n_4_32", depth=1, pos_embed="sincos2d", dynamic_img_size=True).eval()
+    dynamic.load_state_dict(model.state_dict())
+    model.set_input_size(48)  # recomputed for the 12 x 12 grid, not interpolated
+    assert torch.allclose(model.pos_embed[:, 1:], _posemb_sincos_2d(12, 12, dim), atol=1e-5)
+    x = torch.randn(2, 3, 48, 48)
+    with torch.no_grad():
+        assert torch.allclose(dynamic(x), model(x), atol=1e-5)
+        assert dynamic(torch.randn(1, 3, 40, 56)).shape == (1, 10)
+
+
+def test_fixed_pos_embed_checkpoint_rebuilds_its_variant(tmp_path):
+    src = create_model("vit_n_4_32", depth=1, pos_embed="sincos2d")
+    dc = DataConfig(32, (0.5,) * 3, (0.5,) * 3, "bicubic", 1.0)
+    path = save_checkpoint(tmp_path / "s.safetensors", src, model_name="vit_n_4_32", data_config=dc)
+    model = create_model("vit_n_4_32", depth=1, pretrained=str(path))  # the checkpoint decides pos_embed
+    assert model.cfg.pos_embed == "sincos2d" and torch.equal(model.pos_embed, src.pos_embed)
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(model.eval()(x), src.eval()(x))
+
+
+def test_pos_embed_none_has_no_position_embedding():
+    learn = create_model("vit_n_4_32", depth=1)
+    model = create_model("vit_n_4_32", depth=1, pos_embed="none", dynamic_img_size=True).eval()
+    assert model.pos_embed is None and not any("pos_embed" in k for k in model.state_dict())
+    assert count_params(learn) - count_params(model) == learn.pos_embed.numel()
+    assert model(torch.randn(2, 3, 40, 24)).shape == (2, 10)
+    with pytest.raises(ValueError, match="pos_embed must be"):
+        ViTConfig(pos_embed="rope")

@@ -4,8 +4,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vitkit.engine.config import load_config
-from vitkit.engine.optim import Lamb, Lion, create_optimizer, param_groups
+from timm.optim import Lamb, Lion
+
+from vitkit.engine.config import load_config, optimizer_args
+from vitkit.engine.optim import create_optimizer, param_groups
 from vitkit.models import create_model
 
 
@@ -45,8 +47,8 @@ def test_layer_decay_scales():
     assert scale["pos_embed"] == scale["patch_embed.proj.weight"] == 0.125
 
 
-def _run(opt_cls, model, steps=4, **kw):
-    opt = opt_cls(model.parameters(), **kw)
+def _run(make, model, steps=4):
+    opt = make(model)
     x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     for _ in range(steps):
         model(x).square().mean().backward()
@@ -57,19 +59,16 @@ def _run(opt_cls, model, steps=4, **kw):
 
 @pytest.mark.parametrize("wd", [0.0, 0.1])
 def test_lamb_equals_timm(wd):
-    from timm.optim import Lamb as TimmLamb
-
-    ours = _run(Lamb, tiny(), lr=1e-2, weight_decay=wd)
-    ref = _run(TimmLamb, tiny(), lr=1e-2, weight_decay=wd, max_grad_norm=None, foreach=False)
+    ours = _run(lambda m: create_optimizer(m, opt="lamb", lr=1e-2, eps=1e-6, weight_decay=wd), tiny())
+    ref = _run(lambda m: Lamb(m.parameters(), lr=1e-2, weight_decay=wd, max_grad_norm=None, foreach=False), tiny())
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("wd", [0.0, 0.1])
 def test_lion_equals_timm(wd):
-    from timm.optim import Lion as TimmLion
-
-    ours = _run(Lion, tiny(), lr=1e-3, weight_decay=wd)
-    ref = _run(TimmLion, tiny(), lr=1e-3, weight_decay=wd)
+    cfg = load_config(["--opt", "lion", "--lr", "1e-3", "--weight_decay", str(wd)], notices=[])  # beta2: lion's own
+    ours = _run(lambda m: create_optimizer(m, **optimizer_args(cfg)), tiny())
+    ref = _run(lambda m: Lion(m.parameters(), lr=1e-3, weight_decay=wd), tiny())
     torch.testing.assert_close(ours, ref, rtol=0, atol=1e-7)
 
 
@@ -81,7 +80,7 @@ def test_create_optimizer_names(name, cls, extra):
     argv = ["--opt", name, "--lr", "0.01", "--weight_decay", "0.05", "--weight_decay_filter", "norm_and_bias"]
     if extra.get("nesterov"):
         argv += ["--use_nesterov"]
-    opt = create_optimizer(tiny(), load_config(argv, notices=[]))
+    opt = create_optimizer(tiny(), **optimizer_args(load_config(argv, notices=[])))
     assert type(opt) is cls
     assert sorted(g["weight_decay"] for g in opt.param_groups) == [0.0, 0.05]
     if name in ("adamw", "adam", "sgd", "momentum"):  # torch's fused kernels on the CPU too (6x faster AdamW)

@@ -66,7 +66,7 @@ def test_predictions_are_the_models_probabilities_with_checkpoint_names(tmp_path
     model = create_model("vit_n_4_32", depth=2)
     model.load_state_dict(load_file(str(ckpt)))
     spec = get_spec("vit_n_4_32")
-    t = build_transform(DataConfig(32, spec.mean, spec.std, spec.interpolation, spec.crop_pct), None, train=False)
+    t = build_transform(DataConfig(32, spec.mean, spec.std, spec.interpolation, spec.crop_pct), train=False)
     with torch.no_grad():
         probs = model.eval()(t(Image.open(images / "cat.jpg"))[None]).softmax(-1)[0]
     top = probs.topk(3)
@@ -145,8 +145,7 @@ def test_fuzzed_image_bytes_give_a_tensor_or_a_clear_image_error(base: bytes, cu
         data = data[: cut % (len(data) + 1)]
     data += junk
     spec = get_spec("vit_n_4_32")
-    transform = build_transform(DataConfig(32, spec.mean, spec.std, spec.interpolation, spec.crop_pct), None,
-                                train=False)
+    transform = build_transform(DataConfig(32, spec.mean, spec.std, spec.interpolation, spec.crop_pct), train=False)
     try:
         x = image_to_tensor(bytes(data), transform)
     except ImageError as e:

@@ -281,7 +281,7 @@ def test_errno_of_a_failed_write_behind_library_errors():
 @pytest.mark.parametrize("entry", ["vitkit train", "python train.py"])
 def test_full_disk_on_a_log_write_is_a_one_line_error(tmp_path, monkeypatch, capsys, in_process, entry):
     """The disk filled by another process: the first write to fail is a small one (metrics.jsonl)."""
-    from vitkit.engine import train as train_module
+    from vitkit.cli import main as vitkit_main
 
     run_dir = tmp_path / "run"
     run_dir.mkdir()
@@ -291,7 +291,7 @@ def test_full_disk_on_a_log_write_is_a_one_line_error(tmp_path, monkeypatch, cap
         rc, err = cli("train", *args, capsys=capsys)
     else:
         monkeypatch.setattr(sys, "argv", ["train.py", *args])
-        rc, err = train_module.cli(), capsys.readouterr().err.splitlines()
+        rc, err = vitkit_main(["train", *sys.argv[1:]]), capsys.readouterr().err.splitlines()  # train.py's line
     assert rc == 2 and err[-1] == "error: the disk is full (a write failed); free space, then resume (--resume)", err
 
 
@@ -389,7 +389,8 @@ def test_grayscale_cmyk_16bit_and_zero_byte_files(tmp_path, in_memory):
     import numpy as np
     from PIL import Image
 
-    from vitkit.data import DataConfig, build_dataset, build_loader
+    from vitkit.data import DataConfig
+    from vitkit.engine.data_args import dataset_from_config, loader_from_config
     from vitkit.engine.config import load_config
 
     size = 48 if in_memory == "true" else 80  # <= 64 px: decoded into memory; larger: decoded per sample
@@ -406,8 +407,8 @@ def test_grayscale_cmyk_16bit_and_zero_byte_files(tmp_path, in_memory):
     cfg = load_config(["--data_dir", str(tmp_path), "--num_parallel_workers", "0", "--batch_size", "7",
                        "--image_resize", "32", "--in_memory", in_memory, "--no-drop_remainder",
                        "--bad_image_limit", "1"], notices=[])
-    ds = build_dataset(cfg, "train", train=True)
-    loader = build_loader(cfg, ds, train=True, data_config=DataConfig(32, mean=(0, 0, 0), std=(1, 1, 1)))
+    ds = dataset_from_config(cfg, "train", train=True)
+    loader = loader_from_config(cfg, ds, train=True, data_config=DataConfig(32, mean=(0, 0, 0), std=(1, 1, 1)))
     loader.set_epoch(0)
     batches = list(loader)
     assert loader.stats()["bad_paths"] == [str(root / "gray" / "empty.jpg")]

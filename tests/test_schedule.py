@@ -12,7 +12,7 @@ from bisect import bisect_right
 
 import pytest
 
-from vitkit.engine.config import load_config
+from vitkit.engine.config import load_config, schedule_args
 from vitkit.engine.schedule import build_schedule
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -77,7 +77,7 @@ def test_schedule_equals_mindcv(scheduler, extra, stair):
             "--decay_epochs", str(extra["decay_epochs"]), "--lr_epoch_stair", str(stair).lower(),
             "--num_cycles", str(kw["num_cycles"]), "--cycle_decay", str(kw["cycle_decay"]),
             "--multi_step_decay_milestones", *map(str, kw["milestones"])]
-    schedule = build_schedule(load_config(argv, notices=[]), spe)
+    schedule = build_schedule(**schedule_args(load_config(argv, notices=[])), steps_per_epoch=spe)
     for step in list(range(0, spe * epochs, 5)) + [spe * warmup - 1, spe * warmup, spe * epochs - 1]:
         assert schedule(step) == pytest.approx(ref[step], rel=1e-12, abs=1e-15), (scheduler, step)
 
@@ -86,7 +86,7 @@ def test_vit_b32_recipe_schedule_points():
     """MindCV's vit_b32_224_ascend numbers: 1.6e-3 peak, warmup from 1.6e-5 over 30 epochs, cosine to 0."""
     cfg = load_config(["-c", str(ROOT / "configs/vit/vit_b32_224.yaml")], notices=[])
     spe = 312  # 1,281,167 images // (512 x 8)
-    s = build_schedule(cfg, spe)
+    s = build_schedule(**schedule_args(cfg), steps_per_epoch=spe)
     assert s(0) == pytest.approx(1.6e-5)
     assert s(30 * spe) == pytest.approx(1.6e-3)
     assert s(165 * spe) == pytest.approx(0.8e-3)  # half-way through the 270 decay epochs
@@ -95,10 +95,12 @@ def test_vit_b32_recipe_schedule_points():
 
 
 def test_fractional_epochs_and_polynomial_power_key():
-    s = build_schedule(load_config(["--scheduler", "constant", "--warmup_epochs", "0.5", "--warmup_factor", "0",
-                                    "--epoch_size", "2"], notices=[]), 10)
+    s = build_schedule(**schedule_args(load_config(["--scheduler", "constant", "--warmup_epochs", "0.5",
+                                                    "--warmup_factor", "0", "--epoch_size", "2"], notices=[])),
+                       steps_per_epoch=10)
     assert [s(i) for i in (0, 1, 4, 5)] == pytest.approx([0.0, 0.0002, 0.0008, 0.001])
     # MindCV uses decay_rate as the polynomial power; an explicit `power` wins.
-    p = build_schedule(load_config(["--scheduler", "polynomial_decay", "--warmup_epochs", "0", "--epoch_size", "4",
-                                    "--power", "2.0"], notices=[]), 10)
+    p = build_schedule(**schedule_args(load_config(["--scheduler", "polynomial_decay", "--warmup_epochs", "0",
+                                                    "--epoch_size", "4", "--power", "2.0"], notices=[])),
+                       steps_per_epoch=10)
     assert p(20) == pytest.approx(0.001 * 0.5**2)

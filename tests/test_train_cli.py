@@ -27,10 +27,9 @@ from PIL import Image
 
 from vitkit.cli import main as cli_main
 from vitkit.engine.checkpoint import load_checkpoint
-from vitkit.engine.config import from_dict
+from vitkit.engine.config import from_dict, resolve, schedule_args
 from vitkit.engine.loop import Trainer
 from vitkit.engine.schedule import build_schedule
-from vitkit.engine.train import build_config
 from vitkit.models import create_model, get_spec
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -127,7 +126,7 @@ def test_run_directory_has_metrics_events_and_curves(seed_run) -> None:
         assert 0 <= r["val_top1"] <= r["val_top5"] <= 100
     # lr is the recipe's schedule at the epoch's last step (smoke: 2 epochs of 4 steps, warmup 0.2 epochs)
     cfg = from_dict(load_checkpoint(run_dir / "last.safetensors").config)
-    schedule = build_schedule(cfg, steps_per_epoch=4)
+    schedule = build_schedule(**schedule_args(cfg), steps_per_epoch=4)
     assert [r["lr"] for r in recs] == [schedule(3), schedule(7)]
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -201,7 +200,7 @@ def test_finetune_starts_from_the_file_with_a_fresh_head(data, pretrained_file, 
 
     monkeypatch.setattr(tv_cifar, "download_and_extract_archive", no_download)
     argv = finetune_args(data, pretrained_file, data["root"] / "unused") + ["--dataset_download"]
-    cfg = build_config(argv, notices := [])
+    cfg = resolve(argv, notices=(notices := []))
     # the command names its own data: MindCV's defaults under it, not the demo recipe's
     assert notices == [] and "built-in demo recipe" not in cfg.sources.values()
     assert (cfg.weight_decay, cfg.label_smoothing, cfg.val_while_train) == (1e-6, 0.0, False)

@@ -159,7 +159,7 @@ def test_root_validate_py_runs_the_seed_command(data: Path, tmp_path: Path) -> N
 
 
 def test_use_ema_evaluates_the_ema_weights(data: Path, tmp_path: Path) -> None:
-    from vitkit.data import build_dataset, build_loader
+    from vitkit.engine.data_args import dataset_from_config, loader_from_config
     from vitkit.engine.config import load_config
     from vitkit.engine.evaluate import evaluate
 
@@ -171,8 +171,8 @@ def test_use_ema_evaluates_the_ema_weights(data: Path, tmp_path: Path) -> None:
                            class_names=CLASSES, ema_model=ema)
     args = ["--data_dir", str(data), *DATA_ARGS]
     cfg = load_config(args)
-    ds = build_dataset(cfg, "test", train=False)
-    want = {name: evaluate(m.eval(), build_loader(cfg, ds, train=False, data_config=dc), device="cpu")
+    ds = dataset_from_config(cfg, "test", train=False)
+    want = {name: evaluate(m.eval(), loader_from_config(cfg, ds, train=False, data_config=dc), device="cpu")
             for name, m in (("raw", model), ("ema", ema))}
     assert want["raw"]["loss"] != want["ema"]["loss"]
     for use_ema, name in ((False, "raw"), (True, "ema")):

@@ -18,7 +18,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "models": ("vitkit.tools.models", "list registered models with their metadata"),
     "convert": ("vitkit.weights.convert", "convert any supported weights file to a vitkit safetensors file"),
     "data": ("vitkit.data.check", "vitkit data check DIR: unreadable files, empty classes, imbalance"),
-    "demo": ("vitkit.engine.demo", "train the built-in demo recipe on the bundled CIFAR-10 sample, then validate"),
+    "demo": ("vitkit.tools.demo", "train the built-in demo recipe on the bundled CIFAR-10 sample, then validate"),
 }
 
 

@@ -1,7 +1,8 @@
 """Auto-augmentation strings in MindCV/timm syntax, and Mixup/CutMix on the batch.
 
 `auto_augment` strings and what they do (the facts are timm's `timm/data/auto_augment.py` and MindCV's port of
-it, `mindcv/data/auto_augment.py`; the code here is ours):
+it, `mindcv/data/auto_augment.py`). The ops and their magnitude-to-argument levels are timm's own table
+(`timm.data.auto_augment.NAME_TO_OP` / `LEVEL_TO_ARG`); the op sampling and policy parsing are ours:
 
 - `randaug-m{M}[-n{N}][-mstd{S}][-mmax{X}][-inc{0|1}][-p{P}]` (timm spells it `rand-...`, accepted too):
   RandAugment as timm implements it. Per image, N ops (default 2) are drawn uniformly *with replacement* from
@@ -35,7 +36,9 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
-from PIL import Image, ImageEnhance, ImageFilter, ImageOps
+import torchvision.transforms.v2 as v2
+from PIL import Image
+from timm.data.auto_augment import LEVEL_TO_ARG, NAME_TO_OP
 
 from vitkit.errors import ConfigError
 
@@ -46,53 +49,6 @@ PIL_INTERPOLATION = {
     "bicubic": Image.Resampling.BICUBIC, "lanczos": Image.Resampling.LANCZOS, "area": Image.Resampling.BOX,
 }
 
-
-def _negate_half(v: float) -> float:
-    return -v if random.random() > 0.5 else v
-
-
-def _affine(img: Image.Image, matrix: tuple[float, ...], hp: dict[str, Any]) -> Image.Image:
-    return img.transform(img.size, Image.Transform.AFFINE, matrix, resample=hp["resample"], fillcolor=hp["fill"])
-
-
-def _solarize_add(img: Image.Image, add: int) -> Image.Image:
-    lut = [min(255, i + add) if i < 128 else i for i in range(256)]
-    return img.point(lut * len(img.getbands()))
-
-
-# name -> (apply(img, arg, hparams), level(m) -> arg). Levels follow timm's *_level_to_arg functions.
-_OPS: dict[str, tuple[Callable[..., Image.Image], Optional[Callable[[float], Any]]]] = {
-    "AutoContrast": (lambda img, a, hp: ImageOps.autocontrast(img), None),
-    "Equalize": (lambda img, a, hp: ImageOps.equalize(img), None),
-    "Invert": (lambda img, a, hp: ImageOps.invert(img), None),
-    "Rotate": (lambda img, a, hp: img.rotate(a, resample=hp["resample"], fillcolor=hp["fill"]),
-               lambda m: _negate_half(m / LEVEL_MAX * 30.0)),
-    "Posterize": (lambda img, a, hp: img if a >= 8 else ImageOps.posterize(img, a),
-                  lambda m: int(m / LEVEL_MAX * 4)),
-    "PosterizeIncreasing": (lambda img, a, hp: img if a >= 8 else ImageOps.posterize(img, a),
-                            lambda m: 4 - int(m / LEVEL_MAX * 4)),
-    "PosterizeOriginal": (lambda img, a, hp: img if a >= 8 else ImageOps.posterize(img, a),
-                          lambda m: int(m / LEVEL_MAX * 4) + 4),
-    "Solarize": (lambda img, a, hp: ImageOps.solarize(img, a), lambda m: min(256, int(m / LEVEL_MAX * 256))),
-    "SolarizeIncreasing": (lambda img, a, hp: ImageOps.solarize(img, a),
-                           lambda m: 256 - min(256, int(m / LEVEL_MAX * 256))),
-    "SolarizeAdd": (lambda img, a, hp: _solarize_add(img, a), lambda m: min(128, int(m / LEVEL_MAX * 110))),
-    "ShearX": (lambda img, a, hp: _affine(img, (1, a, 0, 0, 1, 0), hp), lambda m: _negate_half(m / LEVEL_MAX * 0.3)),
-    "ShearY": (lambda img, a, hp: _affine(img, (1, 0, 0, a, 1, 0), hp), lambda m: _negate_half(m / LEVEL_MAX * 0.3)),
-    "TranslateXRel": (lambda img, a, hp: _affine(img, (1, 0, a * img.size[0], 0, 1, 0), hp),
-                      lambda m: _negate_half(m / LEVEL_MAX * 0.45)),
-    "TranslateYRel": (lambda img, a, hp: _affine(img, (1, 0, 0, 0, 1, a * img.size[1]), hp),
-                      lambda m: _negate_half(m / LEVEL_MAX * 0.45)),
-    "Desaturate": (lambda img, a, hp: ImageEnhance.Color(img).enhance(min(1.0, max(0.0, 1.0 - a))),
-                   lambda m: min(1.0, max(0.5, 0.5 + 0.5 * m / LEVEL_MAX))),
-    "GaussianBlurRand": (lambda img, a, hp: img.filter(ImageFilter.GaussianBlur(radius=random.uniform(0.1, 2.0 * a))),
-                         lambda m: min(1.0, max(0.0, m / LEVEL_MAX))),
-}
-for _name, _enhance in (("Color", ImageEnhance.Color), ("Contrast", ImageEnhance.Contrast),
-                        ("Brightness", ImageEnhance.Brightness), ("Sharpness", ImageEnhance.Sharpness)):
-    _OPS[_name] = (lambda img, a, hp, e=_enhance: e(img).enhance(a), lambda m: m / LEVEL_MAX * 1.8 + 0.1)
-    _OPS[_name + "Increasing"] = (lambda img, a, hp, e=_enhance: e(img).enhance(a),
-                                  lambda m: max(0.1, 1.0 + _negate_half(m / LEVEL_MAX * 0.9)))
 
 RAND_OPS = ("AutoContrast", "Equalize", "Invert", "Rotate", "Posterize", "Solarize", "SolarizeAdd", "Color",
             "Contrast", "Brightness", "Sharpness", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel")
@@ -125,10 +81,12 @@ class AugmentOp:
         if self.prob < 1.0 and random.random() > self.prob:
             return img
         m = self.sample_magnitude()
-        apply, level = _OPS[self.name]
         if trace is not None:
             trace.append((self.name, m))
-        return apply(img, level(m) if level else None, self.hparams)
+        level = LEVEL_TO_ARG[self.name]
+        hp = self.hparams or {}
+        args = level(m, {"translate_pct": 0.45}) if level is not None else ()
+        return NAME_TO_OP[self.name](img, *args, fillcolor=hp.get("fill"), resample=hp.get("resample"))
 
 
 class RandAugment:
@@ -191,8 +149,6 @@ def build_auto_augment(text: str, *, img_size: int, mean: tuple[float, ...], int
         return RandAugment(ops, int(o.get("n", 2)))
     if head in ("autoaug", "autoaugr"):
         mstd = float(_options(parts[1:], {"mstd"}, text).get("mstd", 0.0))
-        import torchvision.transforms.v2 as v2
-
         table = v2.AutoAugment(v2.AutoAugmentPolicy.IMAGENET)._policies  # the paper's ImageNet policy
         poster = "PosterizeOriginal" if head == "autoaug" else "PosterizeIncreasing"
         rename = {"Posterize": poster, "TranslateX": "TranslateXRel", "TranslateY": "TranslateYRel"}
@@ -204,33 +160,31 @@ def build_auto_augment(text: str, *, img_size: int, mean: tuple[float, ...], int
                   LEVEL_MAX, hp)], [AugmentOp("GaussianBlurRand", 1.0, 10, 0.0, LEVEL_MAX, hp)]]
         return PolicyAugment(policy, "3a")
     if head == "trivialaugwide":
-        import torchvision.transforms.v2 as v2
-
         _options(parts[1:], set(), text)
-        return v2.TrivialAugmentWide(interpolation=_tv_interp(interpolation), fill=list(fill))
+        return v2.TrivialAugmentWide(interpolation=tv_interpolation(interpolation), fill=list(fill))
     if head == "augmix":
-        import torchvision.transforms.v2 as v2
-
         o = _options(parts[1:], {"m", "w", "d", "a"}, text)
         return v2.AugMix(severity=int(o.get("m", 3)), mixture_width=int(o.get("w", 3)),
                          chain_depth=int(o.get("d", -1)), alpha=float(o.get("a", 1.0)),
-                         interpolation=_tv_interp(interpolation), fill=list(fill))
+                         interpolation=tv_interpolation(interpolation), fill=list(fill))
     raise ConfigError(f"auto_augment {text!r} is not known; use randaug-m9-mstd0.5, randaug-m9-n2-mstd0.5-inc1, "
                       "autoaug, autoaugr, 3a, trivialaugwide or augmix")
 
 
-def _tv_interp(name: str) -> Any:
-    from torchvision.transforms import InterpolationMode
-
-    return InterpolationMode.BOX if name == "area" else InterpolationMode(name)
+def tv_interpolation(name: str) -> v2.InterpolationMode:
+    """An interpolation name (as in DataConfig) -> torchvision's mode; "area" is PIL's box filter."""
+    return v2.InterpolationMode.BOX if name == "area" else v2.InterpolationMode(name)
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Mixup / CutMix on the batch
 
 
-def soft_targets(targets: torch.Tensor, num_classes: int, smoothing: float) -> torch.Tensor:
-    """One-hot with label smoothing: (1 - s) on the class, s / num_classes spread over all (timm's rule)."""
+def smooth_targets(targets: torch.Tensor, num_classes: int, smoothing: float) -> torch.Tensor:
+    """Hard labels (B,) or soft targets (B, K) -> probability targets (B, K) with label smoothing: (1 - s) * y +
+    s / num_classes (timm's and torch's rule)."""
+    if targets.ndim == 2:
+        return targets * (1.0 - smoothing) + smoothing / num_classes
     off = smoothing / num_classes
     out = torch.full((targets.shape[0], num_classes), off, dtype=torch.float32, device=targets.device)
     return out.scatter_(1, targets.view(-1, 1), 1.0 - smoothing + off)
@@ -262,7 +216,7 @@ class Mixup:
 
     def __call__(self, images: torch.Tensor, targets: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         rng = np.random.default_rng([self.seed, step])
-        y = soft_targets(targets, self.num_classes, self.label_smoothing)
+        y = smooth_targets(targets, self.num_classes, self.label_smoothing)
         u = rng.random(2)
         use_cutmix = self.cutmix_alpha > 0 and (self.mixup_alpha == 0 or u[1] < self.switch_prob)
         if u[0] >= self.prob:
@@ -284,10 +238,10 @@ class Mixup:
         return images, y * lam + y.flip(0) * (1.0 - lam)
 
 
-
-def build_mixup(cfg: Any, num_classes: int) -> Optional[Mixup]:
-    """Mixup/CutMix from the config; None when both alphas are 0 (then the loop smooths labels itself)."""
-    if cfg.mixup <= 0 and cfg.cutmix <= 0:
+def build_mixup(num_classes: int, *, mixup: float = 0.0, cutmix: float = 0.0, prob: float = 1.0,
+                switch_prob: float = 0.5, label_smoothing: float = 0.0, seed: int = 0) -> Optional[Mixup]:
+    """Mixup/CutMix with these alphas; None when both are 0 (then the loss smooths labels itself)."""
+    if mixup <= 0 and cutmix <= 0:
         return None
-    return Mixup(num_classes, mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, prob=cfg.cutmix_prob,
-                 switch_prob=cfg.mixup_switch_prob, label_smoothing=cfg.label_smoothing, seed=cfg.seed)
+    return Mixup(num_classes, mixup_alpha=mixup, cutmix_alpha=cutmix, prob=prob, switch_prob=switch_prob,
+                 label_smoothing=label_smoothing, seed=seed)

@@ -6,14 +6,18 @@ per-sample path, so batches do not depend on how the epoch was split or resumed.
 """
 from __future__ import annotations
 
-from typing import Any, Optional
-
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from vitkit.data.loader import sample_seed
+from vitkit.data.datasets import ArrayDataset
 from vitkit.data.preprocess import DataConfig
+
+
+def sample_seed(seed: int, key: int) -> int:
+    """A 63-bit seed for one sample from the run seed and the sample key (epoch and position)."""
+    return int(np.random.SeedSequence([seed & 0xFFFFFFFF, key & 0xFFFFFFFFFFFF]).generate_state(2, np.uint64)[0]
+               >> np.uint64(1))
 
 
 def uniforms(seed: int, keys: np.ndarray, k: int) -> np.ndarray:
@@ -29,26 +33,23 @@ def uniforms(seed: int, keys: np.ndarray, k: int) -> np.ndarray:
     return (z >> np.uint64(11)).astype(np.float64) / float(1 << 53)
 
 
+def tensor_interpolation(name: str) -> str:
+    """A DataConfig interpolation -> the nearest `F.interpolate` mode (bicubic, else bilinear)."""
+    return "bicubic" if name == "bicubic" else "bilinear"
+
+
 class BatchAugment:
     """(index, key) pairs -> (images float (B, 3, S, S) normalized, targets (B,), bad paths)."""
 
-    def __init__(self, ds: Any, data_config: DataConfig, cfg: Optional[Any], *, seed: int,
-                 device: str | torch.device = "cpu"):
+    def __init__(self, ds: ArrayDataset, data_config: DataConfig, *, train: bool, seed: int, hflip: float = 0.0,
+                 vflip: float = 0.0, device: str | torch.device = "cpu"):
         self.ds, self.dc, self.seed, self.device = ds, data_config, seed, torch.device(device)
         self.images = ds.images.to(self.device)  # (N, H, W, 3) uint8
         self.targets = torch.as_tensor(ds.targets, dtype=torch.long)
-        self.train = cfg is not None
-        self.hflip = cfg.hflip if cfg is not None else 0.0
-        self.vflip = cfg.vflip if cfg is not None else 0.0
-        self.bad = set(getattr(ds, "bad", []))
-        shape = (1, 3, 1, 1)
-        self.mean = torch.tensor(data_config.mean, device=self.device).view(shape) * 255
-        self.std = torch.tensor(data_config.std, device=self.device).view(shape) * 255
-
-    @staticmethod
-    def supports(cfg: Any, train: bool) -> bool:
-        """Eval always; training when the recipe is pad-crop + flips only (no per-image color ops/erasing)."""
-        return not train or (not cfg.auto_augment and not cfg.color_jitter and cfg.re_prob == 0)
+        self.train = train
+        self.hflip, self.vflip = (hflip, vflip) if train else (0.0, 0.0)
+        self.bad = set(ds.bad)
+        self.mean, self.std = data_config.pixel_mean_std(self.device)
 
     def __call__(self, batch: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
         idx, bad_paths, params = [], [], []
@@ -71,8 +72,8 @@ class BatchAugment:
         x = x.float()
         s = self.dc.input_size
         if (h, w) != (s, s):
-            mode = "bicubic" if self.dc.interpolation == "bicubic" else "bilinear"
-            x = F.interpolate(x, size=(s, s), mode=mode, align_corners=False, antialias=s < min(h, w)).clamp_(0, 255)
+            x = F.interpolate(x, size=(s, s), mode=tensor_interpolation(self.dc.interpolation), align_corners=False,
+                              antialias=s < min(h, w)).clamp_(0, 255)
         x = (x - self.mean) / self.std
         return x, self.targets[ix.cpu()], bad_paths
 

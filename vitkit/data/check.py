@@ -5,22 +5,16 @@ Exit code 0 when clean, 1 when problems were found, 2 for a missing folder.
 """
 from __future__ import annotations
 
-import argparse
-import os
 from collections import Counter
 from pathlib import Path
 from typing import Sequence
 
 from PIL import Image
 
-from vitkit.data.datasets import IMG_EXTENSIONS  # also sets the decompression-bomb limit
+from vitkit.args import VerbParser
+from vitkit.data.datasets import IMG_EXTENSIONS, list_images  # also sets the decompression-bomb limit
 from vitkit.data.loader import DECODE_ERRORS
 from vitkit.errors import DataError
-
-
-def _images(folder: Path) -> list[Path]:
-    return sorted(Path(dp) / f for dp, _, fs in os.walk(folder, followlinks=True) for f in fs
-                  if f.lower().endswith(IMG_EXTENSIONS) and not f.startswith("."))
 
 
 def check_split(split_dir: Path, *, decode: bool = True, imbalance: float = 2.0) -> list[str]:
@@ -31,7 +25,7 @@ def check_split(split_dir: Path, *, decode: bool = True, imbalance: float = 2.0)
         return [f"{split_dir}: no class folders"]
     counts = Counter()
     for c in classes:
-        files = _images(c)
+        files = list_images(c)
         counts[c.name] = len(files)
         if not files:
             problems.append(f"empty class: {c}")
@@ -54,9 +48,9 @@ def main(argv: Sequence[str]) -> int:
     args = list(argv)
     if args and args[0] == "check":
         args = args[1:]
-    p = argparse.ArgumentParser(prog="vitkit data check", description=__doc__.splitlines()[0])
+    p = VerbParser("data check", __doc__.splitlines()[0])
     p.add_argument("dir", help="dataset root or split folder")
-    p.add_argument("--headers-only", action="store_true", help="verify file structure without decoding pixels")
+    p.add_argument("--headers_only", action="store_true", help="verify file structure without decoding pixels")
     p.add_argument("--imbalance", type=float, default=2.0, help="flag classes with more than this ratio of images")
     a = p.parse_args(args)
     root = Path(a.dir)

@@ -1,22 +1,24 @@
 """Datasets: ImageFolder layouts with any split names, CIFAR-10/100 (download, python format or JPEG folders),
 stratified subsets, and an in-memory form for small images.
 
-Every dataset has `classes` (names, saved into checkpoints), `targets`, `load(i)` (a PIL image that may not be
-decoded yet, so transforms can decode at reduced size), `path(i)` (for error messages) and `__getitem__` ->
-(RGB PIL image, target).
+Every dataset is an `ImageDataset`: `classes` (names, saved into checkpoints), `targets`, `load(i)` (a PIL image
+that may not be decoded yet, so transforms can decode at reduced size), `path(i)` (for error messages) and
+`__getitem__` -> (RGB PIL image, target).
 """
 from __future__ import annotations
 
 import logging
 import os
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Optional, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 import torch
+import torchvision.datasets as tvd
 from PIL import Image
 from torch.utils.data import Dataset
 
+from vitkit.data.transforms import to_rgb
 from vitkit.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -29,6 +31,24 @@ IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tif
 # Small-image datasets up to this many decoded bytes are held in memory (CIFAR-10 train: 150 MB).
 SMALL_MEMORY_BYTES = 2 * 1024**3
 CIFAR_DIRS = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}
+
+
+@runtime_checkable
+class ImageDataset(Protocol):
+    """What the loader reads: class names, one target per image, and each image by index."""
+
+    classes: list[str]
+    targets: list[int]
+
+    def __len__(self) -> int: ...
+
+    def load(self, i: int) -> Image.Image:
+        """The opened image; pixels may not be decoded yet."""
+        ...
+
+    def path(self, i: int) -> str:
+        """Where image i came from, for error messages."""
+        ...
 
 
 class ImageFolderDataset(Dataset):
@@ -49,17 +69,17 @@ class ImageFolderDataset(Dataset):
         return Image.open(self.samples[i][0])
 
     def __getitem__(self, i: int) -> tuple[Image.Image, int]:
-        from vitkit.data.transforms import to_rgb
-
         return to_rgb(self.load(i)), self.targets[i]
 
 
 class ArrayDataset(Dataset):
     """Decoded images held in memory: `images` uint8 (N, H, W, 3)."""
 
-    def __init__(self, images: torch.Tensor, targets: Sequence[int], classes: list[str], paths: Optional[list[str]] = None):
+    def __init__(self, images: torch.Tensor, targets: Sequence[int], classes: list[str],
+                 paths: Optional[list[str]] = None):
         self.images, self.targets, self.classes = images, list(targets), classes
         self._paths = paths
+        self.bad: list[int] = []  # indices that failed to decode (to_memory); the loader replaces them
 
     def __len__(self) -> int:
         return len(self.targets)
@@ -77,7 +97,7 @@ class ArrayDataset(Dataset):
 class Subset(Dataset):
     """A subset that keeps the dataset interface (classes, targets, load, path)."""
 
-    def __init__(self, base: Any, indices: Sequence[int]):
+    def __init__(self, base: ImageDataset, indices: Sequence[int]):
         self.base, self.indices = base, list(indices)
         self.classes = base.classes
         self.targets = [base.targets[i] for i in self.indices]
@@ -95,6 +115,12 @@ class Subset(Dataset):
         return self.base[self.indices[i]]
 
 
+def list_images(folder: Path) -> list[str]:
+    """Image files under `folder` (recursive, links followed, hidden files skipped), sorted."""
+    return sorted(os.path.join(dp, f) for dp, _, fs in os.walk(folder, followlinks=True) for f in fs
+                  if f.lower().endswith(IMG_EXTENSIONS) and not f.startswith("."))
+
+
 def scan_image_folder(root: Path) -> ImageFolderDataset:
     """Classes and files of `root/<class>/*`; DataError for no classes or classes without images."""
     classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
@@ -102,9 +128,7 @@ def scan_image_folder(root: Path) -> ImageFolderDataset:
         raise DataError(f"{root} has no class folders; expected {root}/<class_name>/<image files>")
     samples, empty = [], []
     for idx, name in enumerate(classes):
-        files = sorted(
-            os.path.join(dp, f) for dp, _, fs in os.walk(root / name, followlinks=True) for f in fs
-            if f.lower().endswith(IMG_EXTENSIONS) and not f.startswith("."))
+        files = list_images(root / name)
         if not files:
             empty.append(name)
         samples += [(f, idx) for f in files]
@@ -114,7 +138,7 @@ def scan_image_folder(root: Path) -> ImageFolderDataset:
     return ImageFolderDataset(root, classes, samples)
 
 
-def stratified_subset(ds: Any, num_samples: int, seed: int) -> Any:
+def stratified_subset(ds: ImageDataset, num_samples: int, seed: int) -> ImageDataset:
     """`num_samples` images with each class's share kept (largest remainder), chosen by a seeded shuffle."""
     if num_samples >= len(ds):
         return ds
@@ -129,17 +153,17 @@ def stratified_subset(ds: Any, num_samples: int, seed: int) -> Any:
     return Subset(ds, np.sort(np.concatenate(chosen)).tolist())
 
 
-def _check_root(cfg: Any) -> Path:
-    if not cfg.data_dir:
+def _check_root(data_dir: Optional[str], *, cifar: bool, download: bool) -> Path:
+    if not data_dir:
         raise DataError("data_dir is not set; pass --data_dir /path/to/dataset")
-    root = Path(cfg.data_dir).expanduser()
+    root = Path(data_dir).expanduser()
     if not root.is_dir():
-        if cfg.dataset in CIFAR_DIRS and cfg.dataset_download:
+        if cifar and download:
             root.mkdir(parents=True, exist_ok=True)
             return root
         raise DataError(f"data_dir {str(root)!r} does not exist" +
-                        ("; add --dataset_download to download it" if cfg.dataset in CIFAR_DIRS else ""))
-    if not any(root.iterdir()) and not (cfg.dataset in CIFAR_DIRS and cfg.dataset_download):
+                        ("; add --dataset_download to download it" if cifar else ""))
+    if not any(root.iterdir()) and not (cifar and download):
         raise DataError(f"data_dir {str(root)!r} is empty")
     return root
 
@@ -153,53 +177,53 @@ def _image_folder_split(root: Path, split: str) -> ImageFolderDataset:
     return scan_image_folder(split_dir)
 
 
-def _cifar(cfg: Any, root: Path, split: str, train: bool) -> Dataset:
+def _cifar(name: str, root: Path, split: str, *, train: bool, download: bool, train_split: str) -> ImageDataset:
     """CIFAR from the official python files (checksum-verified by torchvision before unpickling), a JPEG
-    ImageFolder copy, or a download into data_dir."""
-    import torchvision.datasets as tvd
-
-    cls = tvd.CIFAR10 if cfg.dataset == "cifar10" else tvd.CIFAR100
-    is_train_split = split == cfg.train_split if train else split in ("train", cfg.train_split)
-    python_format = (root / CIFAR_DIRS[cfg.dataset]).is_dir()
+    ImageFolder copy, or a download into the root."""
+    cls = tvd.CIFAR10 if name == "cifar10" else tvd.CIFAR100
+    is_train_split = split == train_split if train else split in ("train", train_split)
+    python_format = (root / CIFAR_DIRS[name]).is_dir()
     if not python_format and not train and not (root / split).is_dir() and (root / "test").is_dir():
         # CIFAR's held-out split is its test set (the python format maps any eval split to it; so does this)
-        log.info("%s: no %s/ in %s; evaluating on test/", cfg.dataset, split, root)
+        log.info("%s: no %s/ in %s; evaluating on test/", name, split, root)
         split = "test"
     if not python_format and (root / split).is_dir():  # a local JPEG copy: nothing to download
         return scan_image_folder(root / split)
-    if python_format or cfg.dataset_download:
+    if python_format or download:
         try:
-            tv = cls(str(root), train=is_train_split, download=bool(cfg.dataset_download))
+            tv = cls(str(root), train=is_train_split, download=download)
         except RuntimeError as e:  # torchvision: "Dataset not found or corrupted"
-            raise DataError(f"{cfg.dataset} in {root}: {e}; delete it and pass --dataset_download") from None
+            raise DataError(f"{name} in {root}: {e}; delete it and pass --dataset_download") from None
         except OSError as e:  # the download itself: no network (URLError), refused, or a full disk
-            raise DataError(f"could not download {cfg.dataset} into {root} ({getattr(e, 'reason', None) or e}); "
-                            f"without a network, put a copy there ({CIFAR_DIRS[cfg.dataset]}/ in python format, "
-                            f"or {cfg.train_split}/<class>/*.jpg) and drop --dataset_download") from None
+            raise DataError(f"could not download {name} into {root} ({getattr(e, 'reason', None) or e}); "
+                            f"without a network, put a copy there ({CIFAR_DIRS[name]}/ in python format, "
+                            f"or {train_split}/<class>/*.jpg) and drop --dataset_download") from None
         return ArrayDataset(torch.from_numpy(tv.data), tv.targets, list(tv.classes))
-    raise DataError(f"no {cfg.dataset} in {root}: expected {CIFAR_DIRS[cfg.dataset]}/ (python format) or "
+    raise DataError(f"no {name} in {root}: expected {CIFAR_DIRS[name]}/ (python format) or "
                     f"{split}/<class>/*.jpg; pass --dataset_download to download it")
 
 
-def build_dataset(cfg: Any, split: str, *, train: bool) -> Dataset:
-    """The dataset for `split` (a folder name such as cfg.train_split / cfg.val_split).
+def build_dataset(root: Optional[str], *, name: str, split: str, train: bool, download: bool = False,
+                  num_samples: Optional[int] = None, seed: int = 0, train_split: str = "train") -> ImageDataset:
+    """The dataset `name` (imagenet / imagefolder: root/<split>/<class>/*, cifar10, cifar100) for `split`.
 
-    num_samples takes a stratified, seeded subset of the training split.
+    download: fetch CIFAR into root if missing. num_samples takes a stratified subset (seeded by `seed`) of a
+    training split. train_split names CIFAR's training folder, so that CIFAR's python files map it to the train set.
     """
-    root = _check_root(cfg)
-    name = cfg.dataset.lower()
-    if name in CIFAR_DIRS:
-        ds: Any = _cifar(cfg, root, split, train)
-    elif name in ("imagenet", "imagefolder"):
-        ds = _image_folder_split(root, split)
+    key = name.lower()
+    root_dir = _check_root(root, cifar=key in CIFAR_DIRS, download=download)
+    if key in CIFAR_DIRS:
+        ds: ImageDataset = _cifar(key, root_dir, split, train=train, download=bool(download), train_split=train_split)
+    elif key in ("imagenet", "imagefolder"):
+        ds = _image_folder_split(root_dir, split)
     else:
-        raise DataError(f"dataset {cfg.dataset!r} is not known; use imagenet, imagefolder, cifar10 or cifar100")
-    if train and cfg.num_samples:
-        ds = stratified_subset(ds, cfg.num_samples, cfg.seed)
+        raise DataError(f"dataset {name!r} is not known; use imagenet, imagefolder, cifar10 or cifar100")
+    if train and num_samples:
+        ds = stratified_subset(ds, num_samples, seed)
     return ds
 
 
-def image_size_hint(ds: Any) -> Optional[tuple[int, int]]:
+def image_size_hint(ds: ImageDataset) -> Optional[tuple[int, int]]:
     """(w, h) of the first readable image, read from its header; None if none can be read."""
     if isinstance(ds, ArrayDataset):
         return int(ds.images.shape[2]), int(ds.images.shape[1])
@@ -214,12 +238,10 @@ def image_size_hint(ds: Any) -> Optional[tuple[int, int]]:
     return None
 
 
-def to_memory(ds: Any, size: tuple[int, int]) -> ArrayDataset:
+def to_memory(ds: ImageDataset, size: tuple[int, int]) -> ArrayDataset:
     """Decode every image once into a uint8 (N, H, W, 3) tensor (images of another size are resized).
 
     Unreadable images are logged and left black; `bad` lists their indices (the loader replaces them)."""
-    from vitkit.data.transforms import to_rgb
-
     if isinstance(ds, ArrayDataset):
         return ds
     if isinstance(ds, Subset) and isinstance(ds.base, ArrayDataset):
@@ -238,5 +260,5 @@ def to_memory(ds: Any, size: tuple[int, int]) -> ArrayDataset:
             log.warning("unreadable image %s (%s: %s)", ds.path(i), type(e).__name__, e)
             bad.append(i)
     mem = ArrayDataset(out, ds.targets, ds.classes, [ds.path(i) for i in range(len(ds))])
-    mem.bad = bad  # type: ignore[attr-defined]
+    mem.bad = bad
     return mem

@@ -15,6 +15,7 @@ from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import RandomResizedCrop as _RRCv1
 
+from vitkit.data.batch_augment import tensor_interpolation
 from vitkit.data.preprocess import DataConfig
 
 
@@ -52,9 +53,8 @@ class GpuDecoder:
 
     def __init__(self, data_config: DataConfig, device: str | torch.device):
         self.dc, self.device = data_config, torch.device(device)
-        self.mean = torch.tensor(data_config.mean, device=self.device).view(1, 3, 1, 1) * 255
-        self.std = torch.tensor(data_config.std, device=self.device).view(1, 3, 1, 1) * 255
-        self.mode = "bicubic" if data_config.interpolation == "bicubic" else "bilinear"
+        self.mean, self.std = data_config.pixel_mean_std(self.device)
+        self.mode = tensor_interpolation(data_config.interpolation)
 
     def __call__(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
         data, boxes, targets, bad = batch

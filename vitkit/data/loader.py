@@ -5,7 +5,7 @@ Determinism contract (the training loop's exact resume relies on it):
   times per image (DeiT's repeated augmentation: the copies land on different ranks), then sharded rank::world;
 - each sample's augmentation randomness is a function of (seed, epoch, position in the epoch's global order):
   Python `random`, NumPy and torch are seeded from it inside the worker (or, with no workers, inside a saved and
-  restored RNG state), so batches are identical for any num_parallel_workers and after a mid-epoch resume;
+  restored RNG state), so batches are identical for any number of workers and after a mid-epoch resume;
 - `set_epoch(e, start_batch=k)` skips the first k batches of the epoch without decoding them.
 Training shards drop the tail (drop_remainder) or pad with the start of the order, so every rank gets the same
 number of batches. Evaluation shards are rank::world slices with no padding: every image counted exactly once.
@@ -24,7 +24,11 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from vitkit.data.batch_augment import BatchAugment, sample_seed
+from vitkit.data.datasets import SMALL_MEMORY_BYTES, ArrayDataset, ImageDataset, image_size_hint, to_memory
+from vitkit.data.gpu_decode import GpuCollate, GpuDecoder, JpegCropPlan
 from vitkit.data.preprocess import DataConfig
+from vitkit.data.transforms import SMALL_IMAGE_MAX, build_transform
 from vitkit.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -80,12 +84,6 @@ class ShardPlan:
         return [pairs[i * b:(i + 1) * b] for i in range(start_batch, len(self))]
 
 
-def sample_seed(seed: int, key: int) -> int:
-    """A 63-bit seed for one sample from the run seed and the sample key (epoch and position)."""
-    return int(np.random.SeedSequence([seed & 0xFFFFFFFF, key & 0xFFFFFFFFFFFF]).generate_state(2, np.uint64)[0]
-               >> np.uint64(1))
-
-
 @contextlib.contextmanager
 def seeded(s: int, restore: bool) -> Iterator[None]:
     """Seed Python, NumPy and torch RNGs; with `restore`, put the caller's RNG states back afterwards."""
@@ -107,7 +105,7 @@ def seeded(s: int, restore: bool) -> Iterator[None]:
 class SampleReader(Dataset):
     """Reads (index, key) pairs: decode + transform under a per-sample seed; unreadable images are replaced."""
 
-    def __init__(self, ds: Any, transform: Any, seed: int):
+    def __init__(self, ds: ImageDataset, transform: Any, seed: int):
         self.ds, self.transform, self.seed = ds, transform, seed
 
     def __len__(self) -> int:
@@ -145,11 +143,11 @@ class Collate:
     """Stack samples; with mean/std, samples are uint8 and the whole batch is normalized at once (in the worker):
     a quarter of the bytes through stacking, and one vectorized op instead of one per image."""
 
-    def __init__(self, mean: Optional[tuple[float, ...]] = None, std: Optional[tuple[float, ...]] = None):
-        self.scale = None if mean is None else (torch.tensor(mean).view(1, 3, 1, 1) * 255,
-                                               torch.tensor(std).view(1, 3, 1, 1) * 255)
+    def __init__(self, data_config: Optional[DataConfig] = None):
+        self.scale = None if data_config is None else data_config.pixel_mean_std()
 
-    def __call__(self, items: list[tuple[torch.Tensor, int, list[str]]]) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    def __call__(self, items: list[tuple[torch.Tensor, int, list[str]]]
+                 ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
         images = torch.stack([x for x, _, _ in items])
         if self.scale is not None:
             images = images.float().sub_(self.scale[0]).div_(self.scale[1])
@@ -173,13 +171,13 @@ class _EpochBatches:
 class Loader:
     """Batches of (images float (B, C, H, W) normalized, targets long (B,)) for one rank.
 
-    `transform` maps a PIL image to a normalized float tensor, or with normalize=(mean, std) to a uint8 tensor
+    `transform` maps a PIL image to a normalized float tensor, or with normalize=data_config to a uint8 tensor
     that the collate step normalizes batch-wise; `batch_fn` replaces workers for in-memory data.
     """
 
-    def __init__(self, ds: Any, plan: ShardPlan, *, transform: Any = None, seed: int = 0, num_workers: int = 0,
-                 pin_memory: bool = False, bad_image_limit: float = 0.01, batch_fn: Any = None,
-                 normalize: Optional[tuple[tuple[float, ...], tuple[float, ...]]] = None,
+    def __init__(self, ds: ImageDataset, plan: ShardPlan, *, transform: Any = None, seed: int = 0,
+                 num_workers: int = 0, pin_memory: bool = False, bad_image_limit: float = 0.01, batch_fn: Any = None,
+                 normalize: Optional[DataConfig] = None,
                  collate_fn: Any = None, post_fn: Any = None):
         self.ds, self.plan, self.seed = ds, plan, seed
         self.bad_image_limit = bad_image_limit
@@ -191,7 +189,7 @@ class Loader:
         if batch_fn is None:
             self._loader = DataLoader(
                 SampleReader(ds, transform, seed), batch_sampler=self._batches, num_workers=num_workers,
-                collate_fn=collate_fn or Collate(*(normalize or ())), pin_memory=pin_memory, persistent_workers=num_workers > 0,
+                collate_fn=collate_fn or Collate(normalize), pin_memory=pin_memory, persistent_workers=num_workers > 0,
                 prefetch_factor=4 if num_workers > 0 else None,
                 generator=torch.Generator())  # DataLoader draws a base seed; keep it off the global RNG
         self._stats: dict[str, Any] = {}
@@ -248,44 +246,40 @@ class Loader:
             yield images, targets
 
 
-def build_loader(cfg: Any, ds: Any, *, train: bool, data_config: DataConfig, rank: int = 0,
-                 world_size: int = 1) -> Loader:
-    """The loader for `ds` on one rank. Small in-memory datasets with the plain CIFAR recipe (pad-crop, flip)
-    skip workers and augment whole batches (vitkit.data.batch_augment); everything else decodes per sample in
-    `num_parallel_workers` processes."""
-    from vitkit.data.datasets import SMALL_MEMORY_BYTES, ArrayDataset, image_size_hint, to_memory
-    from vitkit.data.transforms import SMALL_IMAGE_MAX, build_transform
-
-    plan = ShardPlan(len(ds), batch_size=cfg.batch_size, train=train, shuffle=cfg.shuffle, seed=cfg.seed,
-                     drop_remainder=cfg.drop_remainder, aug_repeats=cfg.aug_repeats, rank=rank,
-                     world_size=world_size)
+def build_loader(ds: ImageDataset, *, data_config: DataConfig, train: bool, batch_size: int, seed: int = 0,
+                 shuffle: bool = True, drop_remainder: bool = True, aug_repeats: int = 0, num_workers: int = 0,
+                 bad_image_limit: float = 0.01, in_memory: Optional[bool] = None, gpu_decode: bool = False,
+                 rank: int = 0, world_size: int = 1, **augment: Any) -> Loader:
+    """The loader for `ds` on one rank; `augment` holds build_transform's training keywords (scale, ratio, hflip,
+    vflip, auto_augment, color_jitter, re_*). Small in-memory datasets with the plain CIFAR recipe (pad-crop,
+    flip) skip workers and augment whole batches (vitkit.data.batch_augment); everything else decodes per sample
+    in `num_workers` processes. in_memory None: small images (<= 64 px) that fit in SMALL_MEMORY_BYTES."""
+    plan = ShardPlan(len(ds), batch_size=batch_size, train=train, shuffle=shuffle, seed=seed,
+                     drop_remainder=drop_remainder, aug_repeats=aug_repeats, rank=rank, world_size=world_size)
+    augment = augment if train else {}
     size = image_size_hint(ds)
     small = size is not None and max(size) <= SMALL_IMAGE_MAX
-    in_memory = getattr(cfg, "in_memory", None)
     if in_memory is None:
         in_memory = small and len(ds) * size[0] * size[1] * 3 <= SMALL_MEMORY_BYTES  # type: ignore[index]
-    limit = getattr(cfg, "bad_image_limit", 0.01)
     if in_memory and size is not None:
         ds = to_memory(ds, size)
-        from vitkit.data.batch_augment import BatchAugment
-
-        if BatchAugment.supports(cfg, train):
-            aug = BatchAugment(ds, data_config, cfg if train else None, seed=cfg.seed)
-            return Loader(ds, plan, seed=cfg.seed, bad_image_limit=limit, batch_fn=aug)
-    if getattr(cfg, "gpu_decode", False) and not in_memory:
-        from vitkit.data.gpu_decode import GpuCollate, GpuDecoder, JpegCropPlan
-
-        plan_tf = JpegCropPlan(tuple(cfg.scale), tuple(cfg.ratio), cfg.hflip, train, data_config)
+        # whole batches: eval always; training when the recipe is pad-crop + flips only (no per-image color ops)
+        if not (augment.get("auto_augment") or augment.get("color_jitter") or augment.get("re_prob", 0) > 0):
+            aug = BatchAugment(ds, data_config, train=train, seed=seed, hflip=augment.get("hflip", 0.5),
+                               vflip=augment.get("vflip", 0.0))
+            return Loader(ds, plan, seed=seed, bad_image_limit=bad_image_limit, batch_fn=aug)
+    if gpu_decode and not in_memory:
+        plan_tf = JpegCropPlan(tuple(augment.get("scale", (0.08, 1.0))), tuple(augment.get("ratio", (0.75, 1.333))),
+                               augment.get("hflip", 0.5), train, data_config)
         device = "cuda" if torch.cuda.is_available() else "cpu"
         if device == "cpu":  # the documented recovery: same decode and crops, run by torchvision on the CPU
             log.warning("gpu_decode: true but this machine has no CUDA GPU; decoding on the CPU instead")
-        return Loader(ds, plan, transform=plan_tf, seed=cfg.seed, num_workers=cfg.num_parallel_workers,
-                      bad_image_limit=limit, collate_fn=GpuCollate(), post_fn=GpuDecoder(data_config, device))
+        return Loader(ds, plan, transform=plan_tf, seed=seed, num_workers=num_workers,
+                      bad_image_limit=bad_image_limit, collate_fn=GpuCollate(), post_fn=GpuDecoder(data_config, device))
     # Random erasing works on normalized pixels, so only then does each sample normalize itself.
-    batch_norm = not (train and cfg.re_prob > 0)
-    transform = build_transform(data_config, cfg if train else None, train=train, small_data=small,
-                                normalize=not batch_norm)
-    workers = cfg.num_parallel_workers if not isinstance(ds, ArrayDataset) or cfg.auto_augment else 0
-    return Loader(ds, plan, transform=transform, seed=cfg.seed, num_workers=workers,
-                  pin_memory=torch.cuda.is_available(), bad_image_limit=limit,
-                  normalize=(data_config.mean, data_config.std) if batch_norm else None)
+    batch_norm = not augment.get("re_prob", 0) > 0
+    transform = build_transform(data_config, train=train, small_data=small, normalize=not batch_norm, **augment)
+    workers = num_workers if not isinstance(ds, ArrayDataset) or augment.get("auto_augment") else 0
+    return Loader(ds, plan, transform=transform, seed=seed, num_workers=workers,
+                  pin_memory=torch.cuda.is_available(), bad_image_limit=bad_image_limit,
+                  normalize=data_config if batch_norm else None)

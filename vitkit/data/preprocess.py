@@ -8,7 +8,9 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Optional, Sequence
+
+import torch
 
 
 @dataclass(frozen=True)
@@ -29,6 +31,12 @@ class DataConfig:
         d["mean"], d["std"] = list(self.mean), list(self.std)
         return d
 
+    def pixel_mean_std(self, device: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """mean and std in 0-255 units as (1, 3, 1, 1) tensors, to normalize uint8-range batches."""
+        shape = (1, 3, 1, 1)
+        return (torch.tensor(self.mean, device=device).view(shape) * 255,
+                torch.tensor(self.std, device=device).view(shape) * 255)
+
     def to_json(self) -> str:
         return json.dumps(self.to_dict())
 
@@ -45,17 +53,15 @@ def to_unit_range(values: tuple[float, ...]) -> tuple[float, ...]:
     return tuple(v / 255.0 for v in values) if max(values) > 1.0 else tuple(values)
 
 
-def resolve_data_config(cfg: Any, spec: Any) -> DataConfig:
-    """Preprocessing from the run config (`vitkit.engine.config.Config`) over the model's defaults (`ModelSpec`).
-
-    Config values that are None fall back to the model's; mean/std in 0-255 units are converted.
-    """
-    mean = to_unit_range(tuple(cfg.mean)) if cfg.mean is not None else spec.mean
-    std = to_unit_range(tuple(cfg.std)) if cfg.std is not None else spec.std
+def resolve_data_config(spec: Any, *, input_size: int, mean: Optional[Sequence[float]] = None,
+                        std: Optional[Sequence[float]] = None, interpolation: Optional[str] = None,
+                        crop_pct: Optional[float] = None) -> DataConfig:
+    """Preprocessing at `input_size` for a model: each keyword overrides the model's own value (`spec`, a ModelSpec
+    or anything with mean, std, interpolation, crop_pct); None keeps the model's. mean/std may be in 0-255 units."""
     return DataConfig(
-        input_size=int(cfg.image_resize),
-        mean=tuple(mean),  # type: ignore[arg-type]
-        std=tuple(std),  # type: ignore[arg-type]
-        interpolation=cfg.interpolation if "interpolation" in cfg.sources else spec.interpolation,
-        crop_pct=float(cfg.crop_pct) if cfg.crop_pct is not None else spec.crop_pct,
+        input_size=int(input_size),
+        mean=tuple(to_unit_range(tuple(mean)) if mean is not None else spec.mean),  # type: ignore[arg-type]
+        std=tuple(to_unit_range(tuple(std)) if std is not None else spec.std),  # type: ignore[arg-type]
+        interpolation=str(interpolation if interpolation is not None else spec.interpolation),
+        crop_pct=float(crop_pct if crop_pct is not None else spec.crop_pct),
     )

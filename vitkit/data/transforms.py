@@ -6,19 +6,19 @@ be shrunk by at least that factor anyway: the image is decoded at the smallest s
 the output resolution over the crop, which is where a full-size decode would be downsampled to (measured in
 benchmarks/bench_loader.py).
 
-Pipelines (cfg values in brackets):
-- train, large images: RandomResizedCrop(image_resize, [scale], [ratio], [interpolation]) -> flips [hflip,
+Pipelines (build_transform keywords in brackets):
+- train, large images: RandomResizedCrop(input_size, [scale], [ratio], interpolation) -> flips [hflip,
   vflip] -> ColorJitter [color_jitter] (off when auto_augment is set, as in timm) -> auto augment -> tensor ->
   Normalize [mean, std] -> RandomErasing [re_*].
 - train, small images (<= 64 px, e.g. CIFAR): pad by size/8 (4 for 32 px) + random crop at the native size ->
-  flips -> jitter / auto augment -> resize to image_resize if it differs (finetuning a 224 px model on CIFAR
+  flips -> jitter / auto augment -> resize to input_size if it differs (finetuning a 224 px model on CIFAR
   with the pretrained model's mean/std) -> tensor -> Normalize -> RandomErasing.
 - eval: shorter side resized to DataConfig.resize_size (input_size / crop_pct), center crop input_size; small
   images are resized straight to input_size.
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import numpy as np
 import torch
@@ -26,7 +26,7 @@ import torchvision.transforms.v2 as v2
 from PIL import Image
 from torchvision.transforms import RandomResizedCrop as _RRCv1
 
-from vitkit.data.augment import PIL_INTERPOLATION, build_auto_augment
+from vitkit.data.augment import PIL_INTERPOLATION, build_auto_augment, tv_interpolation
 from vitkit.data.preprocess import DataConfig
 
 SMALL_IMAGE_MAX = 64  # images at most this size take the pad-and-crop path (CIFAR-style)
@@ -111,59 +111,47 @@ def _to_tensor_normalized(dc: DataConfig) -> list[Any]:
     return [v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(dc.mean), list(dc.std))]
 
 
-def _erasing(cfg: Any) -> list[Any]:
-    if cfg.re_prob <= 0:
-        return []
-    value: Any = "random" if cfg.re_value == "random" else float(cfg.re_value)
-    return [v2.RandomErasing(p=cfg.re_prob, scale=tuple(cfg.re_scale), ratio=tuple(cfg.re_ratio), value=value)]
+def build_transform(data_config: DataConfig, *, train: bool, scale: tuple[float, float] = (0.08, 1.0),
+                    ratio: tuple[float, float] = (0.75, 1.333), hflip: float = 0.5, vflip: float = 0.0,
+                    auto_augment: Optional[str] = None, color_jitter: Any = None, re_prob: float = 0.0,
+                    re_scale: tuple[float, float] = (0.02, 0.33), re_ratio: tuple[float, float] = (0.3, 3.3),
+                    re_value: Union[float, str] = 0, small_data: Optional[bool] = None,
+                    normalize: bool = True) -> v2.Compose:
+    """PIL image -> normalized float tensor (C, H, W); the augmentation keywords apply with train=True only.
 
-
-def _color(cfg: Any, dc: DataConfig, size: int) -> list[Any]:
-    out: list[Any] = []
-    if cfg.auto_augment:
-        out.append(build_auto_augment(cfg.auto_augment, img_size=size, mean=dc.mean, interpolation=dc.interpolation))
-    elif cfg.color_jitter:
-        # one strength for brightness/contrast/saturation, or a list of 3 (or 4 with hue), as timm and MindCV read it
-        j = cfg.color_jitter
-        strengths = tuple(float(v) for v in j) if isinstance(j, (list, tuple)) else (float(j),) * 3
-        out.append(v2.ColorJitter(*strengths))
-    return out
-
-
-def _flips(cfg: Any) -> list[Any]:
-    out: list[Any] = []
-    if cfg.hflip > 0:
-        out.append(v2.RandomHorizontalFlip(cfg.hflip))
-    if cfg.vflip > 0:
-        out.append(v2.RandomVerticalFlip(cfg.vflip))
-    return out
-
-
-def build_transform(data_config: DataConfig, cfg: Any = None, *, train: bool,
-                    small_data: Optional[bool] = None, normalize: bool = True) -> v2.Compose:
-    """PIL image -> normalized float tensor (C, H, W). `cfg` None means eval.
-
-    small_data: the source images are CIFAR-sized (default: data_config.input_size <= 64). normalize=False
-    stops at a uint8 tensor (the loader normalizes whole batches; RandomErasing then runs on the batch too).
+    color_jitter: one strength for brightness/contrast/saturation or a list of 3 (4 with hue), as timm and MindCV
+    read it; ignored when auto_augment is set. small_data: the source images are CIFAR-sized (default:
+    data_config.input_size <= 64). normalize=False stops at a uint8 tensor (the loader normalizes whole batches).
     """
     dc = data_config
     small = dc.input_size <= SMALL_IMAGE_MAX if small_data is None else small_data
-    tail = _to_tensor_normalized(dc) if normalize else [v2.PILToTensor()]
-    interp = _tv_interp(dc.interpolation)
-    if not train or cfg is None:
+    tail = [v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(dc.mean), list(dc.std))] \
+        if normalize else [v2.PILToTensor()]
+    if not train:
         if small:
-            head = [ToRGB(), v2.Resize((dc.input_size, dc.input_size), interpolation=interp, antialias=True)]
-        else:
-            head = [DecodeResize(dc.resize_size, dc.interpolation), v2.CenterCrop(dc.input_size)]
-        return v2.Compose(head + tail)
+            resize = v2.Resize((dc.input_size, dc.input_size), interpolation=tv_interpolation(dc.interpolation),
+                               antialias=True)
+            return v2.Compose([ToRGB(), resize] + tail)
+        return v2.Compose([DecodeResize(dc.resize_size, dc.interpolation), v2.CenterCrop(dc.input_size)] + tail)
+    flips = [v2.RandomHorizontalFlip(hflip)] if hflip > 0 else []
+    flips += [v2.RandomVerticalFlip(vflip)] if vflip > 0 else []
+    if auto_augment:
+        color = [build_auto_augment(auto_augment, img_size=dc.input_size, mean=dc.mean, interpolation=dc.interpolation)]
+    elif color_jitter:
+        j = color_jitter
+        color = [v2.ColorJitter(*(tuple(float(v) for v in j) if isinstance(j, (list, tuple)) else (float(j),) * 3))]
+    else:
+        color = []
     if small:
         # CIFAR recipe (He et al. 2016): zero-pad by 1/8 of the side, random crop back, at the native size.
-        head = [ToRGB(), _NativePadCrop()] + _flips(cfg) + _color(cfg, dc, dc.input_size)
-        head.append(_ResizeIfNeeded(dc.input_size, dc.interpolation))
+        head = [ToRGB(), _NativePadCrop()] + flips + color + [_ResizeIfNeeded(dc.input_size, dc.interpolation)]
     else:
-        head = [DecodeRandomResizedCrop(dc.input_size, tuple(cfg.scale), tuple(cfg.ratio), dc.interpolation)]
-        head += _flips(cfg) + _color(cfg, dc, dc.input_size)
-    return v2.Compose(head + tail + (_erasing(cfg) if normalize else []))
+        head = [DecodeRandomResizedCrop(dc.input_size, tuple(scale), tuple(ratio), dc.interpolation)] + flips + color
+    erasing = []
+    if re_prob > 0 and normalize:  # random erasing works on normalized pixels
+        value: Any = "random" if re_value == "random" else float(re_value)
+        erasing = [v2.RandomErasing(p=re_prob, scale=tuple(re_scale), ratio=tuple(re_ratio), value=value)]
+    return v2.Compose(head + tail + erasing)
 
 
 class _NativePadCrop(torch.nn.Module):
@@ -183,6 +171,3 @@ class _ResizeIfNeeded(torch.nn.Module):
     def forward(self, img: Image.Image) -> Image.Image:
         return img if img.size == (self.size, self.size) else img.resize((self.size, self.size), self.resample)
 
-
-def _tv_interp(name: str) -> v2.InterpolationMode:
-    return v2.InterpolationMode.BOX if name == "area" else v2.InterpolationMode(name)

@@ -62,7 +62,7 @@ class Checkpoint:
         if use_ema and self.ema_state_dict is None:
             raise WeightsError(f"{self.path} has no EMA weights; drop --use_ema or train with ema: true")
         model = VisionTransformer(self.arch)
-        model.model_name = self.model_name  # type: ignore[attr-defined]
+        model.model_name = self.model_name
         model.load_state_dict(self.ema_state_dict if use_ema else self.state_dict, strict=True)
         return model.eval()
 

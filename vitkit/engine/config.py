@@ -4,11 +4,16 @@ Keys are MindCV's (`mindcv/config.py`), so a MindCV recipe loads unchanged; keys
 PyTorch (graph mode, dataset sinking, Ascend device ids) are accepted with a one-line notice. An unknown key
 or a wrong type is a `ConfigError` naming the key and the closest valid one. Every value remembers where it
 came from (`Config.sources`), and that record is saved in the run directory.
+
+`resolve` is the one place a run's config is completed: the built-in demo recipe or a resumed checkpoint's
+config as defaults, smoke shrinking, the single-process fallback, world size, global batch and lr scaling,
+and the optimizer's / schedule's own defaults written out as values. The result is frozen.
 """
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import math
 import sys
 import types
@@ -19,6 +24,7 @@ from typing import Any, Optional, Sequence, Union
 
 import yaml
 
+from vitkit.engine.checkpoint import read_metadata
 from vitkit.errors import ConfigError  # noqa: E402  (re-exported: callers import it from here too)
 
 
@@ -33,7 +39,7 @@ SYS, DATA, AUG, MODEL, OPT, SCHED, LOSS, CKPT = (
     "system", "dataset", "augmentation", "model", "optimizer", "scheduler", "loss", "checkpoint")
 
 
-@dataclass
+@dataclass(frozen=True)
 class Config:
     # -- system -----------------------------------------------------------------------------------
     distribute: bool = _f(False, "run data-parallel over all launched processes (torchrun/mpirun)", SYS)
@@ -53,6 +59,9 @@ class Config:
     resume: Union[bool, str] = _f(False, "continue a run: a checkpoint path, or true for the latest "
                                          "checkpoint in ckpt_save_dir", SYS)
     smoke: bool = _f(False, "shrink any recipe to a few steps on a few images, to check it runs", SYS)
+    world_size: int = _f(1, "processes the run is launched on (set by resolve from the launcher)", SYS)
+    global_batch: Optional[int] = _f(None, "batch_size x world_size x gradient_accumulation_steps (set by "
+                                           "resolve)", SYS)
     # -- dataset ----------------------------------------------------------------------------------
     dataset: str = _f("imagenet", "imagenet / imagefolder (data_dir/<split>/<class>/*), cifar10, cifar100", DATA)
     data_dir: Optional[str] = _f(None, "dataset root", DATA)
@@ -64,6 +73,7 @@ class Config:
     val_split: str = _f("val", "validation split folder", DATA)
     num_parallel_workers: int = _f(8, "data loader worker processes", DATA)
     num_samples: Optional[int] = _f(None, "use a stratified, seeded subset of this many training images", DATA)
+    val_num_samples: Optional[int] = _f(None, "validate on a stratified, seeded subset of this many images", DATA)
     num_classes: Optional[int] = _f(None, "number of classes (default: the dataset's)", DATA)
     aug_repeats: int = _f(0, "repeated augmentation: each image this many times per epoch (0/1 = off)", DATA)
     bad_image_limit: float = _f(0.01, "stop when more than this share of an epoch's images (and more than 10) "
@@ -80,8 +90,8 @@ class Config:
     # MindCV's ViT recipes write a list (`color_jitter: [0.4, 0.4, 0.4]`), as timm accepts: 3 or 4 strengths.
     color_jitter: Optional[Union[float, tuple[float, float, float], tuple[float, float, float, float]]] = _f(
         None, "jitter strength: one number for brightness/contrast/saturation, or a list of 3 (or 4, with hue)", AUG)
-    interpolation: str = _f("bilinear", "resize interpolation", AUG,
-                            choices=("bilinear", "bicubic", "nearest", "lanczos", "area"))
+    interpolation: Optional[str] = _f(None, "resize interpolation (default: the model's)", AUG,
+                                      choices=(None, "bilinear", "bicubic", "nearest", "lanczos", "area"))
     auto_augment: Optional[str] = _f(None, "randaug-m9-mstd0.5, autoaug, autoaugr, trivialaugwide, augmix, 3a", AUG)
     re_prob: float = _f(0.0, "random erasing probability", AUG)
     re_scale: tuple[float, float] = _f((0.02, 0.33), "random erasing area range", AUG)
@@ -123,7 +133,8 @@ class Config:
     # -- optimizer --------------------------------------------------------------------------------
     opt: str = _f("adamw", "optimizer", OPT, choices=("adamw", "adam", "sgd", "momentum", "lamb", "lion"))
     momentum: float = _f(0.9, "momentum (sgd/momentum) or beta1 (adam/adamw/lamb/lion)", OPT)
-    beta2: float = _f(0.999, "second-moment decay (adam/adamw/lamb), beta2 of lion", OPT)
+    beta2: Optional[float] = _f(None, "second-moment decay (adam/adamw/lamb), beta2 of lion (default: the "
+                                      "optimizer's own, 0.99 for lion as in its paper, else 0.999)", OPT)
     eps: float = _f(1e-8, "optimizer epsilon", OPT)
     weight_decay: float = _f(1e-6, "weight decay", OPT)
     weight_decay_filter: str = _f("disable", "which parameters skip weight decay: disable (none), "
@@ -147,7 +158,7 @@ class Config:
     lr_epoch_stair: bool = _f(False, "keep lr constant within an epoch", SCHED)
     num_cycles: int = _f(1, "cosine cycles", SCHED)
     cycle_decay: float = _f(1.0, "peak lr factor per cosine cycle", SCHED)
-    power: float = _f(1.0, "power of polynomial_decay", SCHED)
+    power: Optional[float] = _f(None, "power of polynomial_decay (default: decay_rate, as MindCV)", SCHED)
     # -- loss -------------------------------------------------------------------------------------
     loss: str = _f("CE", "CE (softmax cross entropy) or BCE", LOSS, choices=("CE", "BCE"))
     label_smoothing: float = _f(0.0, "label smoothing", LOSS)
@@ -281,7 +292,8 @@ def _suggest(key: str) -> str:
     return f"; did you mean '{close[0]}'?" if close else "; see `vitkit train --help` for the keys"
 
 
-def _set(cfg: Config, key: str, value: Any, source: str, notices: list[str]) -> None:
+def _set(values: dict[str, Any], key: str, value: Any, source: str, notices: list[str]) -> None:
+    """Check and convert one value into `values` (its source in `values["sources"]`)."""
     if key in IGNORED_KEYS:
         notices.append(f"note: '{key}' ({source}) is ignored: {IGNORED_KEYS[key]}")
         return
@@ -295,8 +307,8 @@ def _set(cfg: Config, key: str, value: Any, source: str, notices: list[str]) -> 
     ok, converted = _coerce(value, tp)
     if not ok:
         raise ConfigError(f"config key '{key}' ({source}): expected {_type_name(tp)}, got {value!r}")
-    setattr(cfg, key, converted)
-    cfg.sources[key] = source
+    values[key] = converted
+    values.setdefault("sources", {})[key] = source
 
 
 def _parse_cli_value(text: str, key: str = "") -> Any:
@@ -392,22 +404,26 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 
 def load_config(
     argv: Sequence[str] = (), *, defaults: Optional[dict[str, Any]] = None, yaml_path: Optional[str] = None,
-    notices: Optional[list[str]] = None,
+    notices: Optional[list[str]] = None, defaults_source: str = "built-in recipe",
 ) -> Config:
-    """defaults <- YAML (`-c`) <- command line, then validated. Notices about ignored keys are appended to
-    `notices` (printed to stderr when not given)."""
+    """defaults <- YAML (`-c`) <- command line, then validated (not resolved: see `resolve`). Notices about
+    ignored keys are appended to `notices` (printed to stderr when not given)."""
     cli_path, pairs = parse_cli(argv)
     notes: list[str] = [] if notices is None else notices
-    cfg = Config()
+    values: dict[str, Any] = {"sources": {}}
     for key, value in (defaults or {}).items():
-        _set(cfg, key, value, "built-in recipe", notes)
+        _set(values, key, value, defaults_source, notes)
     path = cli_path or yaml_path
     if path:
         for key, value in load_yaml(path).items():
-            _set(cfg, key, value, f"yaml:{path}", notes)
+            _set(values, key, value, f"yaml:{path}", notes)
     for key, value in pairs:
-        _set(cfg, key, value, "command line", notes)
-    validate(cfg)
+        _set(values, key, value, "command line", notes)
+    # "the optimizer's / schedule's own default", written out as the value it means
+    own = {"beta2": 0.99 if values.get("opt") == "lion" else 0.999,  # the Lion paper's beta2; else Adam's
+           "power": values.get("decay_rate", FIELDS["decay_rate"].default)}  # MindCV: polynomial power = decay_rate
+    values.update({key: value for key, value in own.items() if values.get(key) is None})
+    cfg = validate(Config(**values))
     if notices is None:
         for n in notes:
             print(n, file=sys.stderr)
@@ -416,11 +432,11 @@ def load_config(
 
 def from_dict(values: dict[str, Any], source: str = "checkpoint") -> Config:
     """Rebuild a config saved by `Config.to_dict` (e.g. inside a checkpoint)."""
-    cfg, notes = Config(), []
+    out: dict[str, Any] = {"sources": {}}
     for key, value in values.items():
         if key in FIELDS:
-            _set(cfg, key, value, source, notes)
-    return cfg
+            _set(out, key, value, source, [])
+    return Config(**out)
 
 
 def validate(cfg: Config) -> Config:
@@ -458,6 +474,7 @@ def validate(cfg: Config) -> Config:
     need(cfg.keep_checkpoint_max >= 1, "keep_checkpoint_max", "must be >= 1")
     need(cfg.max_steps is None or cfg.max_steps >= 1, "max_steps", "must be >= 1")
     need(cfg.num_samples is None or cfg.num_samples >= 1, "num_samples", "must be >= 1")
+    need(cfg.val_num_samples is None or cfg.val_num_samples >= 1, "val_num_samples", "must be >= 1")
     need(cfg.num_classes is None or cfg.num_classes >= 1, "num_classes", "must be >= 1")
     need(cfg.crop_pct is None or 0 < cfg.crop_pct <= 1, "crop_pct", "must be in (0, 1]")
     need(cfg.std is None or min(cfg.std) > 0, "std", "must be > 0 (images are divided by it)")
@@ -473,8 +490,152 @@ def validate(cfg: Config) -> Config:
     return cfg
 
 
-def resolved_decay_epochs(cfg: Config) -> float:
-    return cfg.decay_epochs if cfg.decay_epochs is not None else cfg.epoch_size - cfg.warmup_epochs
+SAMPLE_DIR = Path(__file__).resolve().parents[2] / "data" / "cifar10_sample"
+
+# A 6-block, 128-wide ViT with 4x4 patches on 32x32 images (vit_n_4_32: 1.2 M parameters), trained from
+# scratch with AdamW and a short warmup + cosine schedule; pad-and-crop + flip augmentation, images in memory.
+DEMO_RECIPE: dict[str, Any] = {
+    "model": "vit_n_4_32", "dataset": "imagefolder", "data_dir": str(SAMPLE_DIR), "train_split": "train",
+    "val_split": "test", "image_resize": 32, "batch_size": 64, "num_parallel_workers": 0, "epoch_size": 6,
+    "opt": "adamw", "lr": 2e-3, "weight_decay": 0.05, "weight_decay_filter": "auto", "scheduler": "cosine_decay",
+    "warmup_epochs": 1, "warmup_factor": 0.01, "min_lr": 1e-5, "label_smoothing": 0.1, "val_while_train": True,
+    "ckpt_save_dir": "runs/demo", "keep_checkpoint_max": 2, "log_interval": 20,
+}
+SMOKE_IMAGES, SMOKE_VAL_IMAGES, SMOKE_EPOCHS = 32, 32, 2
+# Keys a resumed checkpoint's config does not lend: where that invocation stopped, and what resolve derives.
+NOT_FROM_CHECKPOINT = ("resume", "max_steps", "world_size", "global_batch")
+
+
+def _checkpoint_defaults(config_path: Optional[str], given: dict[str, Any]) -> Optional[tuple[dict[str, Any], str]]:
+    """`--resume ...` with no `-c`: the resolved config stored in the checkpoint being resumed."""
+    if config_path is not None or not given.get("resume"):
+        return None
+    resume = given["resume"]
+    path = Path(given.get("ckpt_save_dir", "./ckpt")) / "last.safetensors" if resume is True else Path(str(resume))
+    meta = read_metadata(path) if path.is_file() else None
+    if not meta or "config" not in meta:
+        return None  # the Trainer reports the missing or foreign checkpoint
+    saved = json.loads(meta["config"])
+    return {k: v for k, v in saved.items() if k not in NOT_FROM_CHECKPOINT}, f"checkpoint:{path}"
+
+
+def _smoke_changes(cfg: Config) -> dict[str, Any]:
+    """Shrink any recipe to a couple of short epochs on a few images, keeping the schedule's shape."""
+    changes: dict[str, Any] = {
+        "batch_size": min(cfg.batch_size, 8), "num_parallel_workers": 0, "log_interval": 1,
+        "epoch_size": SMOKE_EPOCHS, "warmup_epochs": cfg.warmup_epochs * SMOKE_EPOCHS / cfg.epoch_size,
+        "val_num_samples": min(cfg.val_num_samples or SMOKE_VAL_IMAGES, SMOKE_VAL_IMAGES),
+    }
+    if cfg.decay_epochs is not None:
+        changes["decay_epochs"] = cfg.decay_epochs * SMOKE_EPOCHS / cfg.epoch_size
+    changes["num_samples"] = max(SMOKE_IMAGES, 2 * changes["batch_size"] * cfg.gradient_accumulation_steps)
+    if cfg.num_samples:
+        changes["num_samples"] = min(cfg.num_samples, changes["num_samples"])
+    return changes
+
+
+def _global_batch(cfg: Config, world_size: int, notices: list[str]) -> dict[str, Any]:
+    """World size, global batch and, with `reference_batch_size`, the linearly scaled lr (Goyal et al. 2017,
+    "Accurate, Large Minibatch SGD", sec. 2.1): used with `scale_lr`, else a warning names it."""
+    accum = cfg.gradient_accumulation_steps
+    global_batch = cfg.batch_size * world_size * accum
+    changes: dict[str, Any] = {"world_size": world_size, "global_batch": global_batch}
+    ref = cfg.reference_batch_size
+    if ref is None:
+        if cfg.scale_lr:
+            raise ConfigError("scale_lr: true needs reference_batch_size (the global batch the recipe's lr was "
+                              "tuned for, e.g. 4096 for 512 x 8 devices)")
+        return changes
+    if ref == global_batch:
+        return changes
+    scaled = cfg.lr * global_batch / ref
+    if cfg.scale_lr:
+        notices.append(f"scale_lr: lr {cfg.lr:g} -> {scaled:g} (x {global_batch}/{ref}, the recipe's reference batch)")
+        changes["lr"] = scaled
+    else:
+        notices.append(f"warning: global batch {global_batch} differs from the recipe's reference_batch_size {ref}; "
+                       f"the linearly scaled lr would be {scaled:g} (pass --scale_lr to use it, or keep lr {cfg.lr:g})")
+    return changes
+
+
+def global_batch_line(cfg: Config) -> str:
+    """How a resolved config's global batch is made up, as the run prints it."""
+    n, accum = cfg.world_size, cfg.gradient_accumulation_steps
+    return (f"global batch {cfg.global_batch} = batch_size {cfg.batch_size} per process x {n} "
+            f"process{'es' if n != 1 else ''} x {accum} accumulation step{'s' if accum != 1 else ''}")
+
+
+def resolve(argv: Sequence[str] = (), *, defaults: Optional[dict[str, Any]] = None, launch: Any = None,
+            notices: Optional[list[str]] = None) -> Config:
+    """The run's frozen config: defaults <- YAML <- command line, validated, then completed.
+
+    Defaults are `defaults`, else the resumed checkpoint's config (`--resume` without `-c`), else the demo
+    recipe when neither a config nor data (--data_dir / --dataset) is named. Then: smoke shrinking, the
+    single-process fallback of a recipe's `distribute: true`, world size from `launch` (a launcher's
+    `LaunchEnv`, or None for a plain process), global batch and lr scaling, and the optimizer's and
+    schedule's own defaults as values (`load_config`). Notices go to `notices` (stderr when not given).
+    """
+    notes: list[str] = [] if notices is None else notices
+    config_path, pairs = parse_cli(argv)
+    source = "built-in recipe"
+    if defaults is None:
+        from_ckpt = _checkpoint_defaults(config_path, dict(pairs))
+        # A command that names its own data (the seed's `--dataset cifar10 --data_dir ...` finetune) is a recipe
+        # of its own over the schema's defaults, as in MindCV; the demo's 32 px, run dir and regularisation stay out.
+        names_data = any(key in ("data_dir", "dataset") for key, _ in pairs)
+        if from_ckpt is not None:
+            defaults, source = from_ckpt
+        elif config_path is None and not names_data:
+            defaults, source = DEMO_RECIPE, "built-in demo recipe"
+            notes.append("note: no config given (-c); running the built-in demo recipe (vitkit train --help)")
+    cfg = load_config(argv, defaults=defaults, notices=notes, defaults_source=source)
+    sources = dict(cfg.sources)
+    changes: dict[str, Any] = {}
+    if cfg.smoke:
+        changes.update(_smoke_changes(cfg))
+        sources.update(dict.fromkeys(changes, "smoke"))
+    if cfg.distribute and launch is None and "distribute" not in dict(pairs):  # an explicit flag is an error later
+        # The seed's own command, `python train.py -c configs/vit/vit_b32_224.yaml ...`, runs as written: the
+        # recipe's 8-device setting falls back to one process, said in one line.
+        notes.append(f"note: distribute: true (from {sources['distribute']}) but no launcher started this process; "
+                     f"running in one process (use torchrun or mpirun for several)")
+        changes["distribute"] = False
+        sources["distribute"] = f"{sources['distribute']}, no launcher: one process"
+    cfg = dataclasses.replace(cfg, **changes)
+    scaled = _global_batch(cfg, launch.world_size if launch is not None else 1, notes)
+    if "lr" in scaled:
+        sources["lr"] = f"{sources.get('lr', 'default')}, scaled by scale_lr x {scaled['global_batch']}/" \
+                        f"{cfg.reference_batch_size}"
+    sources.update({k: sources.get(k, "resolved") for k in ("world_size", "global_batch")})
+    cfg = validate(dataclasses.replace(cfg, **scaled))
+    object.__setattr__(cfg, "sources", sources)  # the provenance record, written once here
+    if notices is None:
+        for n in notes:
+            print(n, file=sys.stderr)
+    return cfg
+
+
+# -- config fields -> builder keywords (engine.optim, engine.schedule, engine.precision) ---------------------------
+
+def optimizer_args(cfg: Config) -> dict[str, Any]:
+    """Keywords of `create_optimizer` for a resolved config."""
+    return dict(opt=cfg.opt, lr=cfg.lr, momentum=cfg.momentum, beta2=cfg.beta2, eps=cfg.eps,
+                weight_decay=cfg.weight_decay, weight_decay_filter=cfg.weight_decay_filter,
+                layer_decay=cfg.layer_decay, nesterov=cfg.use_nesterov)
+
+
+def schedule_args(cfg: Config) -> dict[str, Any]:
+    """Keywords of `build_schedule` (besides steps_per_epoch) for a resolved config."""
+    return dict(name=cfg.scheduler, lr=cfg.lr, epochs=cfg.epoch_size, warmup_epochs=cfg.warmup_epochs,
+                warmup_factor=cfg.warmup_factor, decay_epochs=cfg.decay_epochs, min_lr=cfg.min_lr,
+                decay_rate=cfg.decay_rate, milestones=cfg.multi_step_decay_milestones, power=cfg.power,
+                num_cycles=cfg.num_cycles, cycle_decay=cfg.cycle_decay, stair=cfg.lr_epoch_stair)
+
+
+def precision_args(cfg: Config) -> dict[str, Any]:
+    """Keywords of `resolve_precision` (besides device)."""
+    return dict(amp_level=cfg.amp_level, amp_dtype=cfg.amp_dtype, loss_scale_type=cfg.loss_scale_type,
+                loss_scale=cfg.loss_scale)
 
 
 def help_text() -> str:

@@ -423,8 +423,7 @@ def gathered_model(model: nn.Module) -> Optional[nn.Module]:
     with torch.device("meta"):  # no memory: load_state_dict(assign=True) puts the gathered tensors in
         plain = VisionTransformer(sharded.cfg)  # type: ignore[arg-type]
     plain.load_state_dict(full, assign=True)
-    if hasattr(sharded, "model_name"):
-        plain.model_name = sharded.model_name  # type: ignore[attr-defined]
+    plain.model_name = sharded.model_name
     return plain
 
 

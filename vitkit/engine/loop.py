@@ -21,9 +21,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from vitkit.data import build_dataset, build_loader, build_mixup, resolve_data_config
+from vitkit.data.datasets import stratified_subset
 from vitkit.engine.checkpoint import is_complete_pair, load_checkpoint, load_train_state, save_checkpoint
-from vitkit.engine.config import Config
+from vitkit.engine.config import Config, optimizer_args, precision_args, schedule_args
+from vitkit.engine.data_args import (data_config_from_config, dataset_from_config, loader_from_config,
+                                    mixup_from_config)
 from vitkit.engine import distributed as D
 from vitkit.engine.ema import ModelEMA
 from vitkit.engine.evaluate import evaluate
@@ -117,25 +119,23 @@ class Trainer:
     # -- construction -----------------------------------------------------------------------------------
     def _build_data(self) -> None:
         cfg = self.cfg
-        self.data_config = resolve_data_config(cfg, get_spec(cfg.model))
-        train_ds = build_dataset(cfg, cfg.train_split, train=True)
+        self.data_config = data_config_from_config(cfg, get_spec(cfg.model))
+        train_ds = dataset_from_config(cfg, cfg.train_split, train=True)
         self.class_names = list(train_ds.classes)
         if cfg.num_classes is not None and cfg.num_classes != len(self.class_names):
             raise DataError(f"num_classes is {cfg.num_classes} but {cfg.data_dir}/{cfg.train_split} has "
                             f"{len(self.class_names)} classes; drop --num_classes or fix the dataset")
         self.num_classes = len(self.class_names)
-        self.train_loader = build_loader(cfg, train_ds, train=True, data_config=self.data_config, rank=self.rank,
-                                         world_size=self.world_size)
+        self.train_loader = loader_from_config(cfg, train_ds, train=True, data_config=self.data_config,
+                                               rank=self.rank, world_size=self.world_size)
         self.val_loader = None
         if cfg.val_while_train:
-            val_ds = build_dataset(cfg, cfg.val_split, train=False)
-            if cfg.smoke:
-                from vitkit.data.datasets import stratified_subset
-
-                val_ds = stratified_subset(val_ds, SMOKE_VAL_IMAGES, cfg.seed)
-            self.val_loader = build_loader(cfg, val_ds, train=False, data_config=self.data_config, rank=self.rank,
-                                           world_size=self.world_size)
-        self.mixup = build_mixup(cfg, self.num_classes)
+            val_ds = dataset_from_config(cfg, cfg.val_split, train=False)
+            if cfg.val_num_samples is not None:
+                val_ds = stratified_subset(val_ds, cfg.val_num_samples, cfg.seed)
+            self.val_loader = loader_from_config(cfg, val_ds, train=False, data_config=self.data_config,
+                                                 rank=self.rank, world_size=self.world_size)
+        self.mixup = mixup_from_config(cfg, self.num_classes)
         self.accum = cfg.gradient_accumulation_steps
         self.steps_per_epoch = len(self.train_loader) // self.accum
         if self.steps_per_epoch == 0:
@@ -150,7 +150,7 @@ class Trainer:
                                   img_size=cfg.image_resize, drop_rate=cfg.drop_rate, drop_path_rate=cfg.drop_path_rate)
         if cfg.grad_checkpointing:
             self.model.set_grad_checkpointing(True)
-        self.precision = resolve_precision(cfg, self.device)
+        self.precision = resolve_precision(**precision_args(cfg), device=self.device)
         if self.precision.notice:
             self.monitor.print(self.precision.notice)
         self.model.to(self.device, dtype=self.precision.param_dtype)
@@ -160,8 +160,8 @@ class Trainer:
         wrapped = D.wrap_model(self.model, cfg, self.device)
         if self.world_size > 1:
             D.seed_for_augmentation(cfg, self.rank)
-        self.optimizer = create_optimizer(self.model, cfg, self.device)
-        self.schedule = build_schedule(cfg, self.steps_per_epoch)
+        self.optimizer = create_optimizer(self.model, **optimizer_args(cfg), device=self.device)
+        self.schedule = build_schedule(**schedule_args(cfg), steps_per_epoch=self.steps_per_epoch)
         self.train_model: nn.Module = torch.compile(wrapped) if cfg.compile else wrapped
 
     # -- position ---------------------------------------------------------------------------------------
@@ -455,27 +455,3 @@ class Trainer:
         hint = ("" if self.cfg.nan_policy == "rollback" else "; or rerun with --nan_policy rollback")
         raise VitkitError(f"training diverged: {e} (epoch {self.epoch + 1}); {where}. Resume from it with a lower "
                           f"--lr (or --clip_grad){hint}")
-
-
-SMOKE_IMAGES, SMOKE_VAL_IMAGES, SMOKE_EPOCHS = 32, 32, 2
-
-
-def apply_smoke(cfg: Config) -> None:
-    """Shrink any recipe to a couple of short epochs on a few images, keeping the schedule's shape."""
-    if not cfg.smoke:
-        return
-    changes: dict[str, Any] = {
-        "batch_size": min(cfg.batch_size, 8),
-        "num_parallel_workers": 0,
-        "log_interval": 1,
-        "epoch_size": SMOKE_EPOCHS,
-        "warmup_epochs": cfg.warmup_epochs * SMOKE_EPOCHS / cfg.epoch_size,
-    }
-    if cfg.decay_epochs is not None:
-        changes["decay_epochs"] = cfg.decay_epochs * SMOKE_EPOCHS / cfg.epoch_size
-    changes["num_samples"] = max(SMOKE_IMAGES, 2 * changes["batch_size"] * cfg.gradient_accumulation_steps)
-    if cfg.num_samples:
-        changes["num_samples"] = min(cfg.num_samples, changes["num_samples"])
-    for key, value in changes.items():
-        setattr(cfg, key, value)
-        cfg.sources[key] = "smoke"

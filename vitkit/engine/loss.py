@@ -9,12 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-
-def smooth_targets(targets: torch.Tensor, num_classes: int, smoothing: float) -> torch.Tensor:
-    """Hard labels or soft targets -> smoothed probability targets (B, K)."""
-    if targets.ndim == 1:
-        targets = F.one_hot(targets, num_classes).float()
-    return targets * (1.0 - smoothing) + smoothing / num_classes
+from vitkit.data.augment import smooth_targets
 
 
 def classification_loss(logits: torch.Tensor, targets: torch.Tensor, *, kind: str = "CE",

@@ -1,5 +1,5 @@
-"""Optimizers: MindCV's names on torch's kernels, plus LAMB and Lion (not in torch), weight-decay filtering
-and layer-wise lr decay.
+"""Optimizers: MindCV's names on torch's kernels, plus timm's LAMB and Lion (not in torch), weight-decay
+filtering and layer-wise lr decay.
 
 Name mapping (MindCV `mindcv/optim/optim_factory.py`): `sgd` and `momentum` are both SGD with momentum
 (`nn.SGD` / `nn.Momentum` there, heavy-ball with no dampening, as torch's SGD), `use_nesterov` for Nesterov;
@@ -10,13 +10,12 @@ multi-tensor (foreach) kernels are used on other devices.
 """
 from __future__ import annotations
 
-import math
-from typing import Any, Iterable
+from typing import Any
 
 import torch
+from timm.optim import Lamb, Lion
 from torch import nn
 
-from vitkit.engine.config import Config
 from vitkit.engine.distributed import is_fsdp
 
 
@@ -59,95 +58,32 @@ def param_groups(
     return list(groups.values())
 
 
-class Lion(torch.optim.Optimizer):
-    """Lion (Chen et al. 2023, "Symbolic Discovery of Optimization Algorithms", Algorithm 2).
+def create_optimizer(
+    model: nn.Module, *, opt: str, lr: float, momentum: float = 0.9, beta2: float = 0.999, eps: float = 1e-8,
+    weight_decay: float = 0.0, weight_decay_filter: str = "disable", layer_decay: float | None = None,
+    nesterov: bool = False, device: torch.device | None = None,
+) -> torch.optim.Optimizer:
+    """The optimizer `opt` over `param_groups(model, ...)`; lrs are set each step by the schedule.
 
-    update = sign(beta1 * m + (1 - beta1) * g); p <- p * (1 - lr * wd) - lr * update; m <- beta2 * m + (1 - beta2) * g
+    `momentum` is SGD's momentum and beta1 of the others; `beta2` their second-moment (Lion: update) decay.
     """
-
-    def __init__(self, params: Iterable[Any], lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.99),
-                 weight_decay: float = 0.0):
-        super().__init__(params, dict(lr=lr, betas=betas, weight_decay=weight_decay))
-
-    @torch.no_grad()
-    def step(self, closure: Any = None) -> Any:
-        loss = closure() if closure is not None else None
-        for group in self.param_groups:
-            beta1, beta2 = group["betas"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if not state:
-                    state["exp_avg"] = torch.zeros_like(p)
-                m = state["exp_avg"]
-                p.mul_(1 - group["lr"] * group["weight_decay"])
-                p.add_(torch.lerp(p.grad, m, beta1).sign_(), alpha=-group["lr"])
-                m.lerp_(p.grad, 1 - beta2)
-        return loss
-
-
-class Lamb(torch.optim.Optimizer):
-    """LAMB (You et al. 2019, "Large Batch Optimization for Deep Learning", Algorithm 2): Adam's bias-corrected
-    update plus decoupled weight decay, scaled per tensor by the trust ratio ||p|| / ||update||.
-
-    As NVIDIA's and timm's implementations do, the trust ratio is applied only to tensors with weight decay
-    (norms and biases take the plain Adam step).
-    """
-
-    def __init__(self, params: Iterable[Any], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-6, weight_decay: float = 0.0):
-        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
-
-    @torch.no_grad()
-    def step(self, closure: Any = None) -> Any:
-        loss = closure() if closure is not None else None
-        for group in self.param_groups:
-            beta1, beta2 = group["betas"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if not state:
-                    state["step"] = torch.zeros((), dtype=torch.float32)
-                    state["exp_avg"] = torch.zeros_like(p)
-                    state["exp_avg_sq"] = torch.zeros_like(p)
-                state["step"] += 1
-                t = state["step"].item()
-                m, v = state["exp_avg"], state["exp_avg_sq"]
-                m.lerp_(p.grad, 1 - beta1)
-                v.mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
-                denom = (v.sqrt() / math.sqrt(1 - beta2**t)).add_(group["eps"])
-                update = (m / (1 - beta1**t)) / denom
-                if group["weight_decay"] != 0:
-                    update.add_(p, alpha=group["weight_decay"])
-                    w_norm, u_norm = p.norm(), update.norm()
-                    update.mul_(torch.where((w_norm > 0) & (u_norm > 0), w_norm / u_norm, torch.ones_like(w_norm)))
-                p.add_(update, alpha=-group["lr"])
-        return loss
-
-
-def create_optimizer(model: nn.Module, cfg: Config, device: torch.device | None = None) -> torch.optim.Optimizer:
-    """The optimizer named by `cfg.opt` over `param_groups(model, ...)`; lrs are set each step by the schedule."""
-    groups = param_groups(model, weight_decay=cfg.weight_decay, weight_decay_filter=cfg.weight_decay_filter,
-                          layer_decay=cfg.layer_decay)
+    groups = param_groups(model, weight_decay=weight_decay, weight_decay_filter=weight_decay_filter,
+                          layer_decay=layer_decay)
     for g in groups:
-        g["lr"] = cfg.lr * g["lr_scale"]
+        g["lr"] = lr * g["lr_scale"]
     dev_type = device.type if device is not None else next(model.parameters()).device.type
     # FSDP2's sharded parameters (DTensor) have no sharding rule for some fused kernels (fused SGD): foreach there.
     fused = dev_type in ("cuda", "cpu") and not is_fsdp(model)
     kernel = {"fused": True} if fused else {"foreach": True}
-    betas = (cfg.momentum, cfg.beta2)
-    if cfg.opt == "adamw":
-        return torch.optim.AdamW(groups, lr=cfg.lr, betas=betas, eps=cfg.eps, **kernel)
-    if cfg.opt == "adam":
-        return torch.optim.Adam(groups, lr=cfg.lr, betas=betas, eps=cfg.eps, **kernel)
-    if cfg.opt in ("sgd", "momentum"):
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.use_nesterov, **kernel)
-    if cfg.opt == "lamb":
-        return Lamb(groups, lr=cfg.lr, betas=betas, eps=cfg.eps)
-    if cfg.opt == "lion":
-        # The Lion paper's default beta2 is 0.99; the config's 0.999 default is Adam's.
-        beta2 = cfg.beta2 if "beta2" in cfg.sources else 0.99
-        return Lion(groups, lr=cfg.lr, betas=(cfg.momentum, beta2))
-    raise ValueError(f"unknown optimizer {cfg.opt!r}")
+    betas = (momentum, beta2)
+    if opt == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, **kernel)
+    if opt == "adam":
+        return torch.optim.Adam(groups, lr=lr, betas=betas, eps=eps, **kernel)
+    if opt in ("sgd", "momentum"):
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov, **kernel)
+    if opt == "lamb":  # the paper's LAMB: no global gradient clipping inside the optimizer (clip_grad does that)
+        return Lamb(groups, lr=lr, betas=betas, eps=eps, max_grad_norm=None)
+    if opt == "lion":
+        return Lion(groups, lr=lr, betas=betas)
+    raise ValueError(f"unknown optimizer {opt!r}")

@@ -17,7 +17,6 @@ from typing import Optional
 
 import torch
 
-from vitkit.engine.config import Config
 from vitkit.errors import ConfigError
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -55,26 +54,27 @@ class Precision:
         return text + (f", loss scale {self.scaler.get_scale():g}" if self.scaler.is_enabled() else "")
 
 
-def resolve_precision(cfg: Config, device: torch.device) -> Precision:
+def resolve_precision(*, amp_level: str, device: torch.device, amp_dtype: str = "auto",
+                      loss_scale_type: str = "dynamic", loss_scale: float = 1024.0) -> Precision:
     """What `amp_level` / `amp_dtype` / `loss_scale_type` mean on `device`."""
     disabled = torch.amp.GradScaler(device.type, enabled=False)
-    if cfg.amp_level == "O0":
+    if amp_level == "O0":
         return Precision(device.type, None, torch.float32, disabled)
-    if cfg.amp_dtype == "auto":
+    if amp_dtype == "auto":
         if device.type != "cuda":
             return Precision(device.type, None, torch.float32, disabled,
-                             notice=f"note: amp_level {cfg.amp_level} runs in fp32 on {device.type} "
+                             notice=f"note: amp_level {amp_level} runs in fp32 on {device.type} "
                                     f"(set amp_dtype: bfloat16 for CPU bf16 autocast)")
         dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     else:
-        dtype = DTYPES[cfg.amp_dtype]
-    if cfg.amp_level == "O3":
+        dtype = DTYPES[amp_dtype]
+    if amp_level == "O3":
         if dtype != torch.bfloat16:
             raise ConfigError("config key 'amp_level': O3 (half-precision weights) needs bfloat16; fp16 weights "
                               "without fp32 master copies diverge. Use O2 with float16 instead")
         return Precision(device.type, None, torch.bfloat16, disabled)
     if dtype == torch.float16:
-        scaler = torch.amp.GradScaler(device.type, init_scale=cfg.loss_scale)
-        fixed = cfg.loss_scale if cfg.loss_scale_type == "fixed" else None
+        scaler = torch.amp.GradScaler(device.type, init_scale=loss_scale)
+        fixed = loss_scale if loss_scale_type == "fixed" else None
         return Precision(device.type, dtype, torch.float32, scaler, fixed_scale=fixed)
     return Precision(device.type, dtype, torch.float32, disabled)

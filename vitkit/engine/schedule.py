@@ -9,7 +9,7 @@ phase lengths to whole steps. MindCV's facts we keep on purpose:
     `step_decay` and `multi_step_decay` are always per epoch;
   - `multi_step_decay` milestones count epochs after warmup;
   - `polynomial_decay` goes to 0 at the end of training (min_lr unused) with power `decay_rate`
-    (MindCV overloads it; our `power` key wins when set explicitly);
+    (MindCV overloads it; the config's `power` resolves to `decay_rate` unless set);
   - cosine runs `num_cycles` cycles of `decay_epochs`, each peak `cycle_decay` times the last, then holds
     `min_lr`.
 Past the last step the lr stays at its final value.
@@ -19,9 +19,11 @@ from __future__ import annotations
 import math
 from bisect import bisect_right
 from dataclasses import dataclass
+from typing import Sequence
+
 import torch
 
-from vitkit.engine.config import Config, resolved_decay_epochs
+from vitkit.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -84,28 +86,21 @@ class LRSchedule:
         raise ValueError(f"unknown scheduler {self.name!r}")
 
 
-def build_schedule(cfg: Config, steps_per_epoch: int) -> LRSchedule:
-    """The run's schedule; `steps_per_epoch` counts optimizer steps (after gradient accumulation)."""
-    if cfg.scheduler == "polynomial_decay" and cfg.epoch_size <= cfg.warmup_epochs:
-        from vitkit.errors import ConfigError
-
+def build_schedule(
+    *, name: str, lr: float, steps_per_epoch: int, epochs: float, warmup_epochs: float = 0.0,
+    warmup_factor: float = 0.0, decay_epochs: float | None = None, min_lr: float = 0.0, decay_rate: float = 0.9,
+    milestones: Sequence[int] = (), power: float = 1.0, num_cycles: int = 1, cycle_decay: float = 1.0,
+    stair: bool = False,
+) -> LRSchedule:
+    """The run's schedule; `steps_per_epoch` counts optimizer steps (after gradient accumulation);
+    `decay_epochs` None: the epochs after warmup."""
+    if name == "polynomial_decay" and epochs <= warmup_epochs:
         raise ConfigError("config key 'warmup_epochs': polynomial_decay needs epochs after warmup")
     return LRSchedule(
-        name=cfg.scheduler,
-        lr=cfg.lr,
-        steps_per_epoch=max(1, steps_per_epoch),
-        epochs=cfg.epoch_size,
-        warmup_epochs=cfg.warmup_epochs,
-        warmup_factor=cfg.warmup_factor,
-        decay_epochs=resolved_decay_epochs(cfg),
-        min_lr=cfg.min_lr,
-        decay_rate=cfg.decay_rate,
-        milestones=tuple(cfg.multi_step_decay_milestones),
-        power=cfg.power if "power" in cfg.sources else cfg.decay_rate,
-        num_cycles=cfg.num_cycles,
-        cycle_decay=cfg.cycle_decay,
-        stair=cfg.lr_epoch_stair,
-    )
+        name=name, lr=lr, steps_per_epoch=max(1, steps_per_epoch), epochs=epochs, warmup_epochs=warmup_epochs,
+        warmup_factor=warmup_factor, decay_epochs=epochs - warmup_epochs if decay_epochs is None else decay_epochs,
+        min_lr=min_lr, decay_rate=decay_rate, milestones=tuple(milestones), power=power, num_cycles=num_cycles,
+        cycle_decay=cycle_decay, stair=stair)
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:

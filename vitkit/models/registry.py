@@ -9,9 +9,7 @@ import fnmatch
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-
-from vitkit.models.vit import ViTConfig, VisionTransformer
+from vitkit.models.vit import ViTConfig, VisionTransformer, count_params
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -156,7 +154,7 @@ def create_model(
         raise WeightsError(f"{pretrained} holds another architecture than {name} ({differs or e}); use weights "
                            f"of a {name} model, or --model of the weights' own architecture") from None
     model = VisionTransformer(cfg)
-    model.model_name = name  # type: ignore[attr-defined]
+    model.model_name = name
     if weights is not None:
         from vitkit.weights import fit_weights
 
@@ -175,12 +173,6 @@ def count_macs(cfg: ViTConfig, img_size: int | None = None) -> int:
     return embed + cfg.depth * per_block + d * max(cfg.num_classes, 0)
 
 
-def count_params_from_config(cfg: ViTConfig) -> int:
-    with torch.device("meta"):
-        model = VisionTransformer(cfg)
-    return sum(p.numel() for p in model.parameters())
-
-
 def model_info(name: str) -> dict[str, Any]:
     """One row of `vitkit models`: what a user needs to know about a name."""
     from vitkit.weights.sources import sources_for
@@ -194,7 +186,7 @@ def model_info(name: str) -> dict[str, Any]:
         "depth": spec.arch.depth,
         "num_heads": spec.arch.num_heads,
         "num_classes": spec.arch.num_classes,
-        "params": count_params_from_config(spec.arch),
+        "params": count_params(spec.arch),
         "gmacs": count_macs(spec.arch) / 1e9,
         "mean": spec.mean,
         "std": spec.std,

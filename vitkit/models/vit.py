@@ -8,6 +8,9 @@ every other source (torchvision, transformers, JAX .npz, MindCV .ckpt) is conver
 Numerics that differ between reference implementations are configuration, not code paths:
   - `norm_eps`: timm/torchvision/JAX use 1e-6, Hugging Face transformers 1e-12, MindSpore's LayerNorm 1e-7.
   - `act`: "gelu" (exact erf) everywhere except MindSpore, whose nn.GELU defaults to the tanh approximation.
+
+The position embedding is one switch, `pos_embed`: "learn" (a parameter, timm's default), "sincos2d" (fixed 2-D
+sin-cos, a buffer recomputed for each grid) or "none". Every reader goes through `_grid_pos_embed`.
 """
 from __future__ import annotations
 
@@ -48,6 +51,7 @@ class ViTConfig:
     proj_drop_rate: float = 0.0
     drop_path_rate: float = 0.0  # stochastic depth, rising linearly from 0 to this over the blocks
     dynamic_img_size: bool = False  # resample the position embedding to each input's grid on the fly
+    pos_embed: str = "learn"  # "learn" | "sincos2d" | "none"
 
     def __post_init__(self) -> None:
         if self.global_pool not in ("token", "avg"):
@@ -60,6 +64,10 @@ class ViTConfig:
             raise ValueError(f"img_size {self.img_size} is not a multiple of patch_size {self.patch_size}")
         if self.global_pool == "token" and not self.class_token:
             raise ValueError("global_pool='token' needs class_token=True")
+        if self.pos_embed not in ("learn", "sincos2d", "none"):
+            raise ValueError(f"pos_embed must be 'learn', 'sincos2d' or 'none', got {self.pos_embed!r}")
+        if self.pos_embed == "sincos2d" and self.embed_dim % 4:
+            raise ValueError(f"pos_embed='sincos2d' needs embed_dim divisible by 4, got {self.embed_dim}")
 
     @property
     def use_fc_norm(self) -> bool:
@@ -80,9 +88,16 @@ class ViTConfig:
         return replace(self, **changes)
 
 
+def _same_grid(new_grid: Sequence[Any], side: int) -> bool:
+    """True when `new_grid` is (side, side) in plain ints. Traced sizes (torch.export, torch.compile, jit.trace)
+    are never compared, so the graph is not specialised to the example input's grid."""
+    tracing = torch.jit.is_tracing() or torch.compiler.is_compiling()
+    return not tracing and all(isinstance(n, int) for n in new_grid) and tuple(new_grid) == (side, side)
+
+
 def resample_pos_embed(
     pos_embed: torch.Tensor,
-    new_grid: Sequence[int],
+    new_grid: Sequence[Any],
     num_prefix_tokens: int = 1,
     interpolation: str = "bicubic",
     antialias: bool = True,
@@ -90,20 +105,38 @@ def resample_pos_embed(
     """Resample a learned position embedding (1, prefix + H*W, D) to a new (H', W') grid.
 
     Same recipe as timm's `resample_abs_pos_embed`: prefix tokens kept, the grid interpolated in float32
-    with bicubic + antialias, so weights resampled here equal weights resampled by timm.
+    with bicubic + antialias, so weights resampled here equal weights resampled by timm. The new grid may be
+    symbolic (ONNX / pt2 / TorchScript exports with dynamic sizes): there interpolating to the unchanged size
+    stays in the graph, an exact identity for bicubic with align_corners=False (the taps fall on the centres).
     """
-    new_h, new_w = int(new_grid[0]), int(new_grid[1])
     prefix, grid = pos_embed[:, :num_prefix_tokens], pos_embed[:, num_prefix_tokens:]
-    old_h = old_w = math.isqrt(grid.shape[1])
-    if old_h * old_w != grid.shape[1]:
+    side, dim = math.isqrt(grid.shape[1]), grid.shape[-1]  # static: the parameter's shape
+    if side * side != grid.shape[1]:
         raise ValueError(f"position embedding has {grid.shape[1]} grid tokens, which is not a square grid")
-    if (old_h, old_w) == (new_h, new_w):
+    if _same_grid(new_grid, side):
         return pos_embed
-    dim = grid.shape[-1]
-    grid = grid.float().reshape(1, old_h, old_w, dim).permute(0, 3, 1, 2)  # (1, D, H, W)
-    grid = F.interpolate(grid, size=(new_h, new_w), mode=interpolation, antialias=antialias)
-    grid = grid.permute(0, 2, 3, 1).reshape(1, new_h * new_w, dim).to(pos_embed.dtype)  # (1, H'*W', D)
+    grid = grid.float().reshape(1, side, side, dim).permute(0, 3, 1, 2)  # (1, D, H, W)
+    grid = F.interpolate(grid, size=(new_grid[0], new_grid[1]), mode=interpolation, antialias=antialias)
+    grid = grid.permute(0, 2, 3, 1).reshape(1, -1, dim).to(pos_embed.dtype)  # (1, H'*W', D)
     return torch.cat([prefix, grid], dim=1)
+
+
+def sincos_2d_pos_embed(grid: Sequence[Any], dim: int, num_prefix_tokens: int = 0,
+                        temperature: float = 10000.0) -> torch.Tensor:
+    """Fixed 2-D sin-cos position embedding (1, prefix + H*W, D), float32.
+
+    big_vision's `posemb_sincos_2d` (big_vision/models/vit.py; Beyer et al., "Better plain ViT baselines",
+    arXiv 2205.01580): D/4 frequencies 1 / temperature ** (i / (D/4 - 1)), features [sin x, cos x, sin y, cos y]
+    over the row-major patch grid. Prefix tokens get zeros, as MAE's `get_2d_sincos_pos_embed(cls_token=True)`.
+    """
+    ys, xs = torch.meshgrid(torch.arange(grid[0], dtype=torch.float32), torch.arange(grid[1], dtype=torch.float32),
+                            indexing="ij")  # each (H, W)
+    quarter = dim // 4
+    omega = 1.0 / temperature ** (torch.arange(quarter, dtype=torch.float32) / max(quarter - 1, 1))  # (D/4,)
+    x = xs.reshape(-1, 1) * omega  # (H*W, D/4)
+    y = ys.reshape(-1, 1) * omega
+    pe = torch.cat([x.sin(), x.cos(), y.sin(), y.cos()], dim=1)  # (H*W, D)
+    return torch.cat([pe.new_zeros(num_prefix_tokens, dim), pe])[None]
 
 
 class PatchEmbed(nn.Module):
@@ -206,9 +239,14 @@ class Block(nn.Module):
 
 
 class VisionTransformer(nn.Module):
+    model_name: str | None  # the registry name it was built as (`create_model`); None for a bare config
+    pretrained_cfg: dict[str, Any] | None  # where its weights came from (`vitkit.weights.fit_weights`)
+    pos_embed: torch.Tensor | None  # a parameter ("learn"), a non-persistent buffer ("sincos2d") or None
+
     def __init__(self, cfg: ViTConfig):
         super().__init__()
         self.cfg = cfg
+        self.model_name = self.pretrained_cfg = None
         self.num_classes = cfg.num_classes
         self.num_features = self.embed_dim = cfg.embed_dim
         self.num_prefix_tokens = cfg.num_prefix_tokens
@@ -217,7 +255,12 @@ class VisionTransformer(nn.Module):
 
         self.patch_embed = PatchEmbed(cfg.patch_size, cfg.in_chans, D)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, D)) if cfg.class_token else None
-        self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_prefix_tokens + cfg.grid_size**2, D))
+        if cfg.pos_embed == "learn":
+            self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_prefix_tokens + cfg.grid_size**2, D))
+        else:  # fixed values are not weights: kept out of the state dict, rebuilt on load
+            grid = (cfg.grid_size, cfg.grid_size)
+            pe = sincos_2d_pos_embed(grid, D, cfg.num_prefix_tokens) if cfg.pos_embed == "sincos2d" else None
+            self.register_buffer("pos_embed", pe, persistent=False)
         self.pos_drop = nn.Dropout(cfg.pos_drop_rate)
         self.norm_pre = nn.LayerNorm(D, eps=cfg.norm_eps) if cfg.pre_norm else nn.Identity()
         # stochastic depth decay rule: rate i = drop_path_rate * i / (depth - 1)
@@ -231,7 +274,8 @@ class VisionTransformer(nn.Module):
 
     # -- initialisation (timm's default scheme) -------------------------------------------------
     def init_weights(self) -> None:
-        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        if isinstance(self.pos_embed, nn.Parameter):
+            nn.init.trunc_normal_(self.pos_embed, std=0.02)
         if self.cls_token is not None:
             nn.init.normal_(self.cls_token, std=1e-6)
         for m in self.modules():
@@ -259,23 +303,30 @@ class VisionTransformer(nn.Module):
         if num_classes > 0:
             nn.init.trunc_normal_(self.head.weight, std=0.02)
             nn.init.zeros_(self.head.bias)
-        self.head.to(self.pos_embed.device)
+        self.head.to(self.patch_embed.proj.weight.device)
 
     def set_input_size(self, img_size: int) -> None:
-        """Change the native input size, resampling the position embedding (bicubic, as timm)."""
+        """Change the native input size: a learned position embedding is resampled (bicubic, as timm)."""
         grid = img_size // self.cfg.patch_size
         with torch.no_grad():
-            new = resample_pos_embed(self.pos_embed.data, (grid, grid), self.num_prefix_tokens)
-        self.pos_embed = nn.Parameter(new)
+            new = self._grid_pos_embed((grid, grid))
+        self.pos_embed = nn.Parameter(new) if isinstance(self.pos_embed, nn.Parameter) else new
         self.cfg = self.cfg.replace(img_size=img_size)
 
+    def _grid_pos_embed(self, grid_hw: Sequence[Any]) -> torch.Tensor | None:
+        """The position embedding (1, prefix + H*W, D) for a (H, W) patch grid; sizes may be symbolic (export)."""
+        pe = self.pos_embed
+        if pe is None or _same_grid(grid_hw, self.cfg.grid_size):
+            return pe
+        if self.cfg.pos_embed == "sincos2d":  # recomputed, not interpolated: the formula holds for any grid
+            return sincos_2d_pos_embed(grid_hw, self.embed_dim, self.num_prefix_tokens).to(pe)
+        return resample_pos_embed(pe, grid_hw, self.num_prefix_tokens)
+
     def _pos_embed(self, x: torch.Tensor, grid_hw: tuple[int, int]) -> torch.Tensor:
-        pos_embed = self.pos_embed
-        if self.cfg.dynamic_img_size:
-            pos_embed = resample_pos_embed(pos_embed, grid_hw, self.num_prefix_tokens)
+        pos_embed = self._grid_pos_embed(grid_hw) if self.cfg.dynamic_img_size else self.pos_embed
         if self.cls_token is not None:
             x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
-        return self.pos_drop(x + pos_embed)
+        return self.pos_drop(x if pos_embed is None else x + pos_embed)
 
     def _embed(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         grid_hw = (x.shape[-2] // self.cfg.patch_size, x.shape[-1] // self.cfg.patch_size)
@@ -349,8 +400,12 @@ class VisionTransformer(nn.Module):
         return self.norm(x), intermediates
 
 
-def count_params(model: nn.Module) -> int:
+def count_params(model: nn.Module | ViTConfig) -> int:
+    """Parameters (not buffers) of a model, or of the model a config builds (on the meta device: no memory)."""
+    if isinstance(model, ViTConfig):
+        with torch.device("meta"):
+            model = VisionTransformer(model)
     return sum(p.numel() for p in model.parameters())
 
 
-__all__ = ["ViTConfig", "VisionTransformer", "resample_pos_embed", "count_params"]
+__all__ = ["ViTConfig", "VisionTransformer", "resample_pos_embed", "sincos_2d_pos_embed", "count_params"]

@@ -8,7 +8,6 @@ the median is reported, so a busy machine slows both alike. Compile warm-up is e
 """
 from __future__ import annotations
 
-import argparse
 import json
 import platform
 import resource
@@ -20,6 +19,8 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from vitkit.args import VerbParser
+from vitkit.engine.optim import create_optimizer
 from vitkit.models import create_model, get_spec
 from vitkit.models.registry import count_macs
 from vitkit.models.vit import ViTConfig
@@ -83,11 +84,7 @@ def make_optimizer(impl: str, model: torch.nn.Module, same_optimizer: bool) -> t
         from timm.optim import create_optimizer_v2
 
         return create_optimizer_v2(model, "adamw", lr=1e-4, weight_decay=0.05)
-    from vitkit.engine.config import load_config
-    from vitkit.engine.optim import create_optimizer
-
-    cfg = load_config(["--opt", "adamw", "--lr", "1e-4", "--weight_decay", "0.05"], notices=[])
-    return create_optimizer(model, cfg)  # the device is the parameters'
+    return create_optimizer(model, opt="adamw", lr=1e-4, weight_decay=0.05)  # the device is the parameters'
 
 
 def make_step(model: torch.nn.Module, x: torch.Tensor, mode: str, precision: str,
@@ -198,7 +195,8 @@ def format_table(results: Sequence[Result], header: str = "") -> str:
 
 
 def environment() -> str:
-    dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    cpu = f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else cpu
     try:
         import timm
         timm_v = timm.__version__
@@ -208,8 +206,7 @@ def environment() -> str:
 
 
 def main(argv: Sequence[str]) -> int:
-    p = argparse.ArgumentParser(prog="vitkit benchmark", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = VerbParser("benchmark", __doc__)
     p.add_argument("--model", default="vit_b_32_224")
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--img_size", type=int, default=None)

@@ -3,8 +3,8 @@
   vitkit export runs/cifar/best.safetensors --format onnx --dynamic_size --out vit.onnx
 
 The batch dimension is always dynamic. `--dynamic_size` makes height and width dynamic too (any multiple of
-the patch size): the position embedding is resampled inside the graph (bicubic + antialias, as the eager
-model's `dynamic_img_size` path and timm do). `--with_preprocess` bakes the normalization in: the input is
+the patch size): the graph is the model's own `dynamic_img_size` path, which fits the position embedding
+to each input's grid inside the graph. `--with_preprocess` bakes the normalization in: the input is
 uint8 (B, H, W, 3) RGB already resized and center-cropped as the metadata says, the output probabilities.
 Beside the model, `<out>.json` records classes, mean/std, input size and the self-check: max |difference| of
 the outputs against eager PyTorch and top-1 agreement on real images, at two batch sizes (and a second input
@@ -12,10 +12,10 @@ size with `--dynamic_size`). The exit code is 1 when the check fails `--toleranc
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import math
+import platform
 import sys
 import time
 import warnings
@@ -25,10 +25,13 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from vitkit.args import VerbParser
+import vitkit
+from vitkit.data.preprocess import DataConfig
 from vitkit.errors import VitkitError
+from vitkit.models.vit import VisionTransformer
 from vitkit.tools.inference import InferenceModel, find_images, image_to_tensor, load_inference_model
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".ts", "pt2": ".pt2"}
@@ -36,49 +39,30 @@ DEFAULT_CHECK_IMAGES = "data/cifar10_sample/test"
 MAX_DIM = 4096  # upper bound of the dynamic dims torch.export reasons about (pixels / images per batch)
 
 
-def resample_pos_embed_traceable(pos_embed: torch.Tensor, grid_h: Any, grid_w: Any, num_prefix: int) -> torch.Tensor:
-    """`vitkit.models.vit.resample_pos_embed` without Python-side branching, so H/W stay symbolic.
-
-    The model's version calls int() on the new grid and returns early when it is unchanged; under
-    torch.export both specialise the graph to the example input's size. Interpolating to the same size
-    is an exact identity for bicubic with align_corners=False (the taps fall on the pixel centres).
-    """
-    prefix, grid = pos_embed[:, :num_prefix], pos_embed[:, num_prefix:]
-    side, dim = math.isqrt(grid.shape[1]), grid.shape[-1]  # static: the parameter's shape
-    grid = grid.float().reshape(1, side, side, dim).permute(0, 3, 1, 2)  # (1, D, side, side)
-    grid = F.interpolate(grid, size=(grid_h, grid_w), mode="bicubic", antialias=True)
-    grid = grid.permute(0, 2, 3, 1).reshape(1, -1, dim).to(pos_embed.dtype)  # (1, H*W, D)
-    return torch.cat([prefix, grid], dim=1)
+def dynamic_size_copy(model: VisionTransformer) -> VisionTransformer:
+    """A copy of `model` on its `dynamic_img_size` path (vit.py): the position embedding fits each input's grid."""
+    dynamic = copy.deepcopy(model)
+    dynamic.cfg = dynamic.cfg.replace(dynamic_img_size=True)
+    return dynamic
 
 
 class ExportWrapper(nn.Module):
-    """The graph that gets exported: [uint8 NHWC -> normalized NCHW] -> model -> [softmax]."""
+    """The graph that gets exported: [uint8 NHWC -> normalized NCHW] -> the model's forward -> [softmax]."""
 
-    def __init__(self, model: nn.Module, mean: tuple[float, ...], std: tuple[float, ...], *,
-                 dynamic_size: bool, with_preprocess: bool):
+    def __init__(self, model: VisionTransformer, data_config: DataConfig, *, dynamic_size: bool,
+                 with_preprocess: bool):
         super().__init__()
-        self.model = model.eval()
-        self.dynamic_size = dynamic_size
+        self.model = (dynamic_size_copy(model) if dynamic_size else model).eval()
         self.with_preprocess = with_preprocess
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        mean, std = data_config.pixel_mean_std()  # 0-255 units: (1, 3, 1, 1) each
+        self.register_buffer("mean", mean, persistent=False)
+        self.register_buffer("std", std, persistent=False)
         self.eval()
-
-    def _features(self, x: torch.Tensor) -> torch.Tensor:
-        # The model's forward_features, with the traceable resampling for dynamic sizes.
-        m = self.model
-        grid_h, grid_w = x.shape[-2] // m.cfg.patch_size, x.shape[-1] // m.cfg.patch_size
-        tokens = m.patch_embed(x)  # (B, H*W, D)
-        if m.cls_token is not None:
-            tokens = torch.cat([m.cls_token.expand(tokens.shape[0], -1, -1), tokens], dim=1)
-        pos = resample_pos_embed_traceable(m.pos_embed, grid_h, grid_w, m.num_prefix_tokens)
-        tokens = m.norm_pre(m.pos_drop(tokens + pos))
-        return m.norm(m.blocks(tokens))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.with_preprocess:  # (B, H, W, 3) uint8 -> (B, 3, H, W) normalized, as ToTensor + Normalize
-            x = (x.permute(0, 3, 1, 2).float() / 255.0 - self.mean) / self.std
-        logits = self.model.forward_head(self._features(x)) if self.dynamic_size else self.model(x)
+            x = (x.permute(0, 3, 1, 2).float() - self.mean) / self.std
+        logits = self.model(x)  # forward_head(forward_features(x))
         return logits.softmax(-1) if self.with_preprocess else logits
 
 
@@ -157,8 +141,8 @@ def load_inputs(im: InferenceModel, files: list[Path], input_size: int, count: i
         return u8, x, f"{len(files)} images from {files[0].parents[1]}"
     u8 = torch.randint(0, 256, (count, 3, input_size, input_size), dtype=torch.uint8,
                        generator=torch.Generator().manual_seed(0))
-    dc = im.data_config
-    x = (u8.float() / 255 - torch.tensor(dc.mean).view(1, 3, 1, 1)) / torch.tensor(dc.std).view(1, 3, 1, 1)
+    mean, std = im.data_config.pixel_mean_std()
+    x = (u8.float() - mean) / std
     return u8, x, f"{count} random images (no check images found)"
 
 
@@ -191,17 +175,14 @@ def self_check(im: InferenceModel, run: Callable[[torch.Tensor], np.ndarray], fi
         # a second input size, preprocessed for real at that size; the reference is the eager model's own
         # dynamic_img_size path (vit.py), independent of the exported resampling
         patch = im.model.cfg.patch_size
-        dynamic = copy.deepcopy(im.model)
-        dynamic.cfg = dynamic.cfg.replace(dynamic_img_size=True)
         other = (dc.input_size * 3 // 2) // patch * patch
-        result["other_size"] = compare(other, dynamic, files[:64], [1, 16] * 4)
+        result["other_size"] = compare(other, dynamic_size_copy(im.model), files[:64], [1, 16] * 4)
     return result
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="vitkit export", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("source", help="vitkit checkpoint, registered model name, or weights file with --model")
+def build_parser() -> VerbParser:
+    p = VerbParser("export", __doc__)
+    p.add_source("vitkit checkpoint, registered model name, or weights file with --model")
     p.add_argument("--format", choices=list(FORMATS), default="onnx")
     p.add_argument("--out", default=None, help="output file (default: beside the checkpoint, or ./<model>.<ext>)")
     p.add_argument("--dynamic_size", action="store_true", help="dynamic height/width (multiples of the patch)")
@@ -231,7 +212,7 @@ def run_export(im: InferenceModel, fmt: str, out: Path, *, dynamic_size: bool = 
     """Export, reload, check; writes `<out>.json` and returns its content."""
     dc, patch = im.data_config, im.model.cfg.patch_size
     im.model.eval()
-    wrapper = ExportWrapper(im.model, dc.mean, dc.std, dynamic_size=dynamic_size, with_preprocess=with_preprocess)
+    wrapper = ExportWrapper(im.model, dc, dynamic_size=dynamic_size, with_preprocess=with_preprocess)
     example = example_input(dc.input_size, patch, dynamic_size=dynamic_size, with_preprocess=with_preprocess)
     start = time.perf_counter()
     export_model(wrapper, fmt, out, example, dynamic_shapes(patch, dynamic_size=dynamic_size,
@@ -265,10 +246,6 @@ def run_export(im: InferenceModel, fmt: str, out: Path, *, dynamic_size: bool = 
 
 
 def versions() -> dict[str, str]:
-    import platform
-
-    import vitkit
-
     out = {"vitkit": vitkit.__version__, "torch": torch.__version__, "python": platform.python_version()}
     for mod in ("onnx", "onnxruntime"):
         try:
@@ -279,7 +256,7 @@ def versions() -> dict[str, str]:
 
 
 def main(argv: list[str]) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_with_source(argv)
     im = load_inference_model(args.source, model_name=args.model, use_ema=args.use_ema)
     out = Path(args.out) if args.out else default_out(args.source, im.model_name, args.format)
     if args.format == "onnx":

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from vitkit.data.datasets import list_images
 from vitkit.data.preprocess import DataConfig
 from vitkit.errors import VitkitError, WeightsError
 from vitkit.models.vit import VisionTransformer
@@ -26,7 +27,6 @@ from vitkit.models.vit import VisionTransformer
 # 40 megapixels: above any photo a ViT is fed (a 50 MP camera frame must be downscaled first), far below
 # what would exhaust memory (40e6 * 3 bytes = 120 MB decoded). PIL's own guard is 89 MP, raising only at 2x.
 DEFAULT_MAX_PIXELS = 40_000_000
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 
 
 class ImageError(VitkitError):
@@ -78,7 +78,7 @@ def find_images(paths: list[str]) -> list[Path]:
     out: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
-            out += sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+            out += map(Path, list_images(p))
         elif p.exists():
             out.append(p)
         else:
@@ -117,7 +117,7 @@ class InferenceModel:
         `normalize=False` the uint8 (C, H, W) crop before normalization."""
         from vitkit.data.transforms import build_transform
 
-        return build_transform(self.data_config, None, train=False, normalize=normalize)
+        return build_transform(self.data_config, train=False, normalize=normalize)
 
     def metadata(self) -> dict[str, Any]:
         dc = self.data_config

@@ -4,14 +4,17 @@ from __future__ import annotations
 import json
 from typing import Sequence
 
+from vitkit.args import VerbParser
 from vitkit.models import list_models, model_info
 
 
 def main(argv: Sequence[str]) -> int:
-    args = [a for a in argv if not a.startswith("--")]
-    as_json = "--json" in argv
-    rows = [model_info(n) for n in list_models(args[0] if args else "*")]
-    if as_json:
+    p = VerbParser("models", __doc__)
+    p.add_argument("pattern", nargs="?", default="*", help="glob over model names (default: all)")
+    p.add_argument("--json", action="store_true", help="print the metadata as JSON")
+    args = p.parse_args(argv)
+    rows = [model_info(n) for n in list_models(args.pattern)]
+    if args.json:
         print(json.dumps(rows, indent=1))
         return 0
     from rich.console import Console

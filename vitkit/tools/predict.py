@@ -5,7 +5,6 @@ and the other files are still answered; the exit code is 1 when any file failed.
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import json
@@ -15,17 +14,16 @@ from typing import Any
 
 import torch
 
+from vitkit.args import VerbParser
 from vitkit.errors import VitkitError
 from vitkit.tools.inference import (DEFAULT_MAX_PIXELS, ImageError, InferenceModel, find_images, image_to_tensor,
                                     load_inference_model, topk_answer)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="vitkit predict", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("source", help="vitkit checkpoint, registered model name (its default weights), or a weights "
-                                   "file with --model")
-    p.add_argument("inputs", nargs="+", help="image files and/or folders (searched recursively)")
+def build_parser() -> VerbParser:
+    p = VerbParser("predict", __doc__)
+    p.add_source("vitkit checkpoint, registered model name (its default weights), or a weights file with --model")
+    p.add_argument("inputs", nargs="*", help="image files and/or folders (searched recursively)")
     p.add_argument("--topk", type=int, default=5, help="classes per image (default 5)")
     p.add_argument("--format", choices=("table", "json", "csv"), default="table")
     p.add_argument("--model", default=None, help="architecture of a foreign weights file (see `vitkit models`)")
@@ -89,7 +87,7 @@ def format_results(results: list[dict[str, Any]], fmt: str) -> str:
 
 
 def main(argv: list[str]) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_with_source(argv, more="inputs")
     if args.topk < 1:
         raise VitkitError(f"--topk must be >= 1 (got {args.topk})")
     files = find_images(args.inputs)

@@ -18,7 +18,6 @@ its header), anything that is not a usable image gets 400/415, a full queue gets
 """
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import json
@@ -36,6 +35,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from vitkit.args import VerbParser
 from vitkit.data.preprocess import DataConfig
 from vitkit.errors import VitkitError
 from vitkit.tools.inference import (DEFAULT_MAX_PIXELS, ImageError, InferenceModel, image_to_tensor,
@@ -88,7 +88,7 @@ class OnnxBackend:
         self.with_preprocess = bool(self.meta.get("with_preprocess"))
         dc = DataConfig.from_dict({**self.meta, "input_size": self.meta["input_size"][-1]})
         # uint8 crop when the graph normalizes itself, else the normalized tensor validate uses
-        self._transform = build_transform(dc, None, train=False, normalize=not self.with_preprocess)
+        self._transform = build_transform(dc, train=False, normalize=not self.with_preprocess)
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
@@ -280,11 +280,10 @@ def create_app(backend: TorchBackend | OnnxBackend, *, topk: int = 5, max_batch_
     return Starlette(routes=routes, lifespan=lifespan)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="vitkit serve", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("source", help="vitkit checkpoint, registered model name, weights file with --model, or an "
-                                  "exported .onnx (with its .onnx.json beside it)")
+def build_parser() -> VerbParser:
+    p = VerbParser("serve", __doc__)
+    p.add_source("vitkit checkpoint, registered model name, weights file with --model, or an exported .onnx "
+                 "(with its .onnx.json beside it)")
     p.add_argument("--host", default="127.0.0.1", help="interface to listen on (0.0.0.0 exposes it to the network)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--model", default=None, help="architecture of a foreign weights file")
@@ -303,7 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str]) -> int:
     import uvicorn
 
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_with_source(argv)
     if args.max_batch_size < 1 or args.max_wait_ms < 0 or args.max_upload_mb <= 0:
         raise VitkitError("--max_batch_size must be >= 1, --max_wait_ms >= 0 and --max_upload_mb > 0")
     backend = load_backend(args.source, model_name=args.model, use_ema=args.use_ema, device=args.device,

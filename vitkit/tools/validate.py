@@ -24,9 +24,11 @@ from typing import Any
 
 import torch
 
-from vitkit.data.preprocess import DataConfig, to_unit_range
+from vitkit.args import VerbParser
+from vitkit.data.preprocess import DataConfig, resolve_data_config, to_unit_range
+from vitkit.engine.data_args import dataset_from_config, loader_from_config
 from vitkit.engine.checkpoint import Checkpoint, atomic_write, is_vitkit_checkpoint, load_checkpoint
-from vitkit.engine.config import Config, load_config
+from vitkit.engine.config import Config, load_config, load_yaml, parse_cli, precision_args, resolve
 from vitkit.engine.evaluate import confusion_matrix, evaluate, per_class_accuracy
 from vitkit.errors import ConfigError, DataError, WeightsError
 
@@ -37,10 +39,9 @@ FROM_CHECKPOINT = ("dataset", "data_dir", "val_split", "batch_size", "amp_level"
 PREPROCESS_KEYS = ("image_resize", "crop_pct", "interpolation", "mean", "std")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="vitkit validate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-        allow_abbrev=False,  # unknown --options are config keys; never let argparse complete them to ours
+def build_parser() -> VerbParser:
+    p = VerbParser(
+        "validate", __doc__,  # no abbreviations: unknown --options are config keys, never completed to ours
         epilog="Every config key is accepted too (-c FILE, --data_dir, --dataset, --val_split, --batch_size, "
                "--model, --ckpt_path, --pretrained, --amp_level, --device, --crop_pct, ...): vitkit train --help")
     p.add_argument("--use_ema", action="store_true", help="evaluate the checkpoint's EMA weights")
@@ -54,27 +55,29 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _explicit(cfg: Config, key: str) -> bool:
-    return cfg.sources.get(key) == "command line"
-
-
 def _checkpoint_defaults(ckpt: Checkpoint) -> dict[str, Any]:
     saved = ckpt.config or {}
     return {k: saved[k] for k in FROM_CHECKPOINT if saved.get(k) is not None}
 
 
-def _override_preprocessing(dc: DataConfig, cfg: Config, explicit: Any) -> DataConfig:
-    """Replace the fields of `dc` whose config keys `explicit(cfg, key)` says the user set."""
+def given_keys(argv: list[str], *, with_yaml: bool) -> set[str]:
+    """The config keys `argv` sets: on the command line, and with `with_yaml` in its `-c` recipe too."""
+    config_path, pairs = parse_cli(argv)
+    return {k for k, _ in pairs} | (set(load_yaml(config_path)) if with_yaml and config_path else set())
+
+
+def _override_preprocessing(dc: DataConfig, cfg: Config, given: set[str]) -> DataConfig:
+    """Replace the fields of `dc` whose config keys are in `given` (the ones the user set)."""
     changes: dict[str, Any] = {}
-    if explicit(cfg, "image_resize"):
+    if "image_resize" in given:
         changes["input_size"] = int(cfg.image_resize)
-    if explicit(cfg, "crop_pct") and cfg.crop_pct is not None:
+    if "crop_pct" in given and cfg.crop_pct is not None:
         changes["crop_pct"] = float(cfg.crop_pct)
-    if explicit(cfg, "interpolation"):
+    if "interpolation" in given and cfg.interpolation is not None:
         changes["interpolation"] = cfg.interpolation
-    if explicit(cfg, "mean") and cfg.mean is not None:
+    if "mean" in given and cfg.mean is not None:
         changes["mean"] = to_unit_range(tuple(cfg.mean))
-    if explicit(cfg, "std") and cfg.std is not None:
+    if "std" in given and cfg.std is not None:
         changes["std"] = to_unit_range(tuple(cfg.std))
     return replace(dc, **changes)
 
@@ -84,12 +87,14 @@ def _arch_summary(arch: Any) -> str:
             f"{arch.num_classes} classes")
 
 
-def model_from_checkpoint(cfg: Config, ckpt: Checkpoint, use_ema: bool) -> tuple[torch.nn.Module, DataConfig,
-                                                                                  list[str] | None]:
-    """The checkpoint's model; a config that names another model or class count is an error naming both."""
+def model_from_checkpoint(cfg: Config, ckpt: Checkpoint, use_ema: bool, given: set[str], named: set[str]
+                          ) -> tuple[torch.nn.Module, DataConfig, list[str] | None]:
+    """The checkpoint's model; a config (`named`: keys of the command line and recipe) that names another
+    model or class count is an error naming both. Preprocessing keys in `given` (set on the command line)
+    override the checkpoint's."""
     from vitkit.models.registry import build_config
 
-    if "model" in cfg.sources and cfg.model != ckpt.model_name:
+    if "model" in named and cfg.model != ckpt.model_name:
         try:
             wanted = _arch_summary(build_config(cfg.model, num_classes=cfg.num_classes))
         except KeyError as e:
@@ -101,13 +106,13 @@ def model_from_checkpoint(cfg: Config, ckpt: Checkpoint, use_ema: bool) -> tuple
         raise WeightsError(f"{ckpt.path} has a {ckpt.arch.num_classes}-class head but the config says num_classes "
                            f"{cfg.num_classes}; drop num_classes or use a checkpoint trained for {cfg.num_classes}")
     model = ckpt.build_model(use_ema=use_ema)
-    return model, _override_preprocessing(ckpt.data_config, cfg, _explicit), ckpt.class_names
+    return model, _override_preprocessing(ckpt.data_config, cfg, given), ckpt.class_names
 
 
-def model_from_weights(cfg: Config, weights: bool | str, allow_random: bool, dataset_classes: int | None
-                       ) -> tuple[torch.nn.Module, DataConfig, list[str] | None]:
-    """`cfg.model` with foreign weights (or random ones with `allow_random`), its eval preprocessing and the
-    class names the weights state, if any.
+def model_from_weights(cfg: Config, weights: bool | str, allow_random: bool, dataset_classes: int | None,
+                       given: set[str]) -> tuple[torch.nn.Module, DataConfig, list[str] | None]:
+    """`cfg.model` with foreign weights (or random ones with `allow_random`), its eval preprocessing (keys in
+    `given`, from the command line or the recipe, override it) and the class names the weights state, if any.
 
     The head is never reset here: the model takes the weights' own class count, and `check_fit` compares it
     with the dataset, so a foreign checkpoint for another task is an error instead of a random head.
@@ -124,7 +129,7 @@ def model_from_weights(cfg: Config, weights: bool | str, allow_random: bool, dat
             raise WeightsError("no weights to validate: pass --ckpt_path FILE, or --pretrained true / a file / a "
                                "hub id (or --allow_random for a chance-level baseline)")
         model = create_model(cfg.model, num_classes=cfg.num_classes or dataset_classes)
-        dc, names = DataConfig(model.cfg.img_size, spec.mean, spec.std, spec.interpolation, spec.crop_pct), None
+        dc, names = resolve_data_config(spec, input_size=model.cfg.img_size), None
     else:
         loaded = load_weights(weights, model_name=cfg.model)
         try:
@@ -135,8 +140,7 @@ def model_from_weights(cfg: Config, weights: bool | str, allow_random: bool, dat
             raise WeightsError(f"{loaded.origin} has a {model.num_classes}-class head but the config says "
                                f"num_classes {cfg.num_classes}")
         dc, names = loaded.data_config(spec, model.cfg.img_size), loaded.class_names
-    # without a checkpoint's record, the recipe's (YAML) values count as well as the command line's
-    return model.eval(), _override_preprocessing(dc, cfg, lambda c, k: k in c.sources), names
+    return model.eval(), _override_preprocessing(dc, cfg, given), names
 
 
 def check_fit(model: torch.nn.Module, ds: Any, class_names: list[str] | None, source: str) -> None:
@@ -235,12 +239,11 @@ def _plot_confusion(cm: torch.Tensor, names: list[str], path: Path) -> Path | No
 
 def run_validate(argv: list[str]) -> dict[str, Any]:
     """Parse, build, evaluate, report; returns the results dict (without per-sample tensors)."""
-    from vitkit.data import build_dataset, build_loader
-    from vitkit.engine.distributed import distributed_session, is_main
+    from vitkit.engine.distributed import detect_launcher, distributed_session, is_main
     from vitkit.engine.precision import resolve_precision
 
     opts, rest = build_parser().parse_known_args(argv)
-    cfg = load_config(rest)
+    cfg = load_config(rest, notices=[])  # where the weights are; `resolve` below says the notices
     ckpt = None
     if cfg.ckpt_path:
         if not Path(cfg.ckpt_path).exists():
@@ -249,25 +252,27 @@ def run_validate(argv: list[str]) -> dict[str, Any]:
             raise ConfigError("give either ckpt_path or pretrained, not both: which weights should be validated?")
         if is_vitkit_checkpoint(cfg.ckpt_path):
             ckpt = load_checkpoint(cfg.ckpt_path)
-            cfg = load_config(rest, defaults=_checkpoint_defaults(ckpt))
     if opts.use_ema and ckpt is None:
         raise WeightsError("--use_ema needs a vitkit checkpoint in --ckpt_path (other weights carry no EMA copy)")
+    cfg = resolve(rest, defaults=_checkpoint_defaults(ckpt) if ckpt is not None else {}, launch=detect_launcher())
     with distributed_session(cfg) as info:
-        ds = build_dataset(cfg, cfg.val_split, train=False)
+        ds = dataset_from_config(cfg, cfg.val_split, train=False)
         if ckpt is not None:
-            model, dc, class_names = model_from_checkpoint(cfg, ckpt, opts.use_ema)
+            model, dc, class_names = model_from_checkpoint(cfg, ckpt, opts.use_ema, given_keys(rest, with_yaml=False),
+                                                           given_keys(rest, with_yaml=True))
             source, model_name = str(ckpt.path), ckpt.model_name
         else:
             weights = cfg.ckpt_path or cfg.pretrained
             classes = getattr(ds, "classes", None)
             model, dc, class_names = model_from_weights(cfg, weights, opts.allow_random,
-                                                        len(classes) if classes else None)
+                                                        len(classes) if classes else None,
+                                                        given_keys(rest, with_yaml=True))
             source, model_name = str(weights or "random weights"), cfg.model
         if dc.input_size != model.cfg.img_size:  # evaluate at another resolution, as timm's --img-size
             model.set_input_size(dc.input_size)
         check_fit(model, ds, class_names, source)
-        loader = build_loader(cfg, ds, train=False, data_config=dc, rank=info.rank, world_size=info.world_size)
-        precision = resolve_precision(cfg, info.device)
+        loader = loader_from_config(cfg, ds, train=False, data_config=dc, rank=info.rank, world_size=info.world_size)
+        precision = resolve_precision(**precision_args(cfg), device=info.device)
         if precision.notice and is_main():
             print(precision.notice, file=sys.stderr)
         model.to(info.device, dtype=precision.param_dtype)

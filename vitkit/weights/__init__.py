@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from vitkit.data.preprocess import DataConfig
+from vitkit.data.preprocess import DataConfig, resolve_data_config
 from vitkit.errors import WeightsError
 from vitkit.models.vit import VisionTransformer, resample_pos_embed
 from vitkit.weights.download import download_url, hub_download
@@ -51,13 +51,9 @@ class PretrainedWeights:
 
     def data_config(self, spec: Any, img_size: int | None = None) -> DataConfig:
         """Eval preprocessing: the source's statements over the model's registered defaults (`ModelSpec`)."""
-        return DataConfig(
-            input_size=int(img_size or spec.arch.img_size),
-            mean=tuple(self.data.get("mean", spec.mean)),  # type: ignore[arg-type]
-            std=tuple(self.data.get("std", spec.std)),  # type: ignore[arg-type]
-            interpolation=str(self.data.get("interpolation", spec.interpolation)),
-            crop_pct=float(self.data.get("crop_pct", spec.crop_pct)),
-        )
+        d = self.data
+        return resolve_data_config(spec, input_size=img_size or spec.arch.img_size, mean=d.get("mean"),
+                                   std=d.get("std"), interpolation=d.get("interpolation"), crop_pct=d.get("crop_pct"))
 
 
 @dataclass
@@ -159,7 +155,7 @@ def fit_weights(model: VisionTransformer, weights: PretrainedWeights, *, allow_m
     target = model.state_dict()
     sd = dict(weights.state_dict)
     report = FitReport(loaded=0, total=len(target))
-    name = getattr(model, "model_name", type(model).__name__)
+    name = model.model_name or type(model).__name__
 
     has_head = isinstance(model.head, torch.nn.Linear)
     src_head = sd.get("head.weight")
@@ -172,7 +168,7 @@ def fit_weights(model: VisionTransformer, weights: PretrainedWeights, *, allow_m
         elif src_classes:
             report.head_reset = f"head dropped: weights have {src_classes} classes, model has no head"
 
-    if "pos_embed" in sd and sd["pos_embed"].shape != target["pos_embed"].shape:
+    if "pos_embed" in sd and "pos_embed" in target and sd["pos_embed"].shape != target["pos_embed"].shape:
         old, new = sd["pos_embed"], target["pos_embed"]
         prefix = model.num_prefix_tokens
         if old.ndim != 3 or old.shape[-1] != new.shape[-1]:
@@ -203,7 +199,7 @@ def fit_weights(model: VisionTransformer, weights: PretrainedWeights, *, allow_m
         log.info("%s: %s", weights.origin, note)
     message = f"{weights.origin} ({weights.format}) -> {name}: {report.summary()}"
     (log.warning if report.missing or report.unexpected or report.head_reset else log.info)(message)
-    model.pretrained_cfg = {  # type: ignore[attr-defined]
+    model.pretrained_cfg = {
         "origin": weights.origin, "format": weights.format, "tag": weights.source.tag if weights.source else None,
         "data": dict(weights.data), "class_names": weights.class_names, "report": report.summary(),
     }

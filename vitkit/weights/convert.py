@@ -11,11 +11,11 @@ its class names, so `load_checkpoint(DST).build_model()` gives the very same net
 """
 from __future__ import annotations
 
-import argparse
 import ast
 import math
 from typing import Any, Sequence
 
+from vitkit.args import VerbParser
 from vitkit.errors import WeightsError
 
 
@@ -49,13 +49,12 @@ def infer_model_name(state_dict: dict) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="vitkit convert", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = VerbParser("convert", __doc__)
     parser.add_argument("src", help="weights file, folder, URL or hub id (any supported format)")
     parser.add_argument("dst", help="output vitkit checkpoint (.safetensors)")
     parser.add_argument("--model", help="registered name (default: inferred from the weights' sizes)")
-    parser.add_argument("--num-classes", type=int, help="new head size (a fresh head if it differs)")
-    parser.add_argument("--img-size", type=int, help="new input size (position embedding resampled)")
+    parser.add_argument("--num_classes", type=int, help="new head size (a fresh head if it differs)")
+    parser.add_argument("--img_size", type=int, help="new input size (position embedding resampled)")
     parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
                         help="architecture field, e.g. num_heads=2 (repeatable)")
     args = parser.parse_args(list(argv) if argv is not None else None)
@@ -79,7 +78,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     spec = get_spec(name)
     provenance = {"source": weights.origin, "format": weights.format,
                   "tag": weights.source.tag if weights.source else None,
-                  "report": model.pretrained_cfg["report"], "notes": weights.notes}  # type: ignore[attr-defined]
+                  "report": (model.pretrained_cfg or {})["report"], "notes": weights.notes}
     save_checkpoint(args.dst, model, model_name=name, data_config=weights.data_config(spec, model.cfg.img_size),
                     class_names=weights.class_names, config={"converted_from": provenance})
     print(f"{weights.origin} ({weights.format}) -> {args.dst} as {name}: {provenance['report']}")

@@ -1,10 +1,11 @@
 """Fetching weights: URLs into vitkit's cache, hub ids through huggingface_hub.
 
 URL downloads land in `$VITKIT_HOME/weights/<file name>` (default `~/.cache/vitkit`), written atomically (a
-temporary file renamed into place, so a killed download never leaves a half file that looks complete), with a
-rich progress bar. Where the file name carries a SHA-256 prefix (torchvision's `vit_b_32-d86f8d99.pth`,
-MindCV's `vit_b_32_224-a2165e72-910v2.ckpt`: the same convention torch.hub checks) or the sources table gives
-a digest, the download is checked against it before it enters the cache. A file already in the cache is used
+temporary file renamed into place, so a killed download never leaves a half file that looks complete) by
+`torch.hub.download_url_to_file`, with its progress bar. Where the file name carries a SHA-256 prefix
+(torchvision's `vit_b_32-d86f8d99.pth`, MindCV's `vit_b_32_224-a2165e72-910v2.ckpt`: the same convention
+torch.hub checks) or the sources table gives a digest, the download is checked against it before it enters
+the cache. A file already in the cache is used
 as is: that is how users supply weights by hand on offline machines.
 
 Hub ids (`timm/vit_base_patch32_224.augreg_in21k_ft_in1k`, `google/vit-base-patch16-224`) use
@@ -14,18 +15,16 @@ not cached is then an error that says what to download and where to put it.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import sys
-import urllib.error
-import urllib.request
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
+import torch.hub
+
 from vitkit.errors import WeightsError
 
-_CHUNK = 1 << 20
 # "<stem>-<8..64 hex>[-<suffix>].<ext>": the hash prefix torch.hub and MindCV put into file names.
 _HASH_IN_NAME = re.compile(r"-([0-9a-f]{8,64})(?=[-.])")
 
@@ -57,54 +56,23 @@ def _missing(url: str, path: Path, why: str) -> WeightsError:
                         f"put it at {path} (or pass the local file itself as pretrained=PATH)")
 
 
-def _progress():
-    from rich.console import Console
-    from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
-                               TransferSpeedColumn)
-
-    console = Console(stderr=True)
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                    TimeRemainingColumn(), console=console, disable=not console.is_terminal, transient=True)
-
-
-def download_url(url: str, *, sha256: str | None = None, progress: bool = True, timeout: float = 60.0) -> Path:
+def download_url(url: str, *, sha256: str | None = None, progress: bool = True) -> Path:
     """The cached file for `url`, downloading it first if needed (see the module docstring)."""
-    from vitkit.engine.checkpoint import atomic_write
-
     path = cache_path(url)
     if path.is_file():
         return path
     if is_offline():
         raise _missing(url, path, "offline (VITKIT_OFFLINE/HF_HUB_OFFLINE is set)")
     expected = (sha256 or sha256_prefix_from_name(path.name) or "").lower() or None
-
-    def fetch(tmp: str) -> None:
-        digest = hashlib.sha256()
-        try:
-            response = urllib.request.urlopen(url, timeout=timeout)  # noqa: S310 (http(s)/file URLs by design)
-        except (urllib.error.URLError, OSError, ValueError) as e:
-            raise _missing(url, path, f"download failed ({getattr(e, 'reason', e)})") from None
-        with response, open(tmp, "wb") as out:
-            total = response.headers.get("Content-Length")
-            with _progress() as bar:
-                task = bar.add_task(path.name, total=int(total) if total else None, visible=progress)
-                while True:
-                    try:
-                        chunk = response.read(_CHUNK)
-                    except OSError as e:
-                        raise _missing(url, path, f"download interrupted ({e})") from None
-                    if not chunk:
-                        break
-                    out.write(chunk)
-                    digest.update(chunk)
-                    bar.update(task, advance=len(chunk))
-        got = digest.hexdigest()
-        if expected and not got.startswith(expected):
-            raise WeightsError(f"checksum mismatch for {url}: expected sha256 {expected}..., got {got}; the "
-                               f"download is corrupt or was tampered with (nothing was written to {path})")
-
     print(f"downloading {url} -> {path}", file=sys.stderr)
-    atomic_write(path, fetch)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:  # torch.hub writes to `<path>.<uuid>.partial` and moves it into place once the hash matched
+        torch.hub.download_url_to_file(url, str(path), hash_prefix=expected, progress=progress)
+    except RuntimeError as e:  # torch.hub's only error of its own: the hash
+        raise WeightsError(f"checksum mismatch for {url}: {e}; the download is corrupt or was tampered with "
+                           f"(nothing was written to {path})") from None
+    except (OSError, ValueError) as e:  # urllib's URLError / HTTPError are OSErrors
+        raise _missing(url, path, f"download failed ({getattr(e, 'reason', e)})") from None
     return path
 
 

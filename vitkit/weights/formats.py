@@ -32,7 +32,7 @@ from vitkit.errors import WeightsError
 # ViTConfig fields a source may decide (numerics and structure flags). Sizes (embed_dim, depth, patch_size)
 # are never taken from a source: the model name decides them and a mismatch is an error naming the key.
 ARCH_FIELDS = ("num_classes", "num_heads", "qkv_bias", "qk_norm", "init_values", "class_token", "global_pool",
-               "fc_norm", "pre_norm", "norm_eps", "act")
+               "fc_norm", "pre_norm", "norm_eps", "act", "pos_embed")
 
 # MindSpore defaults that MindCV's ViT inherits: nn.LayerNorm(epsilon=1e-7) and nn.GELU(approximate=True),
 # i.e. the tanh approximation (tests/data/mindcv_vit_tiny.json, numerics_notes).

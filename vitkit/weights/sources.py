@@ -17,8 +17,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from vitkit.models.registry import IMAGENET_MEAN, IMAGENET_STD
+
 INCEPTION_MEAN = INCEPTION_STD = (0.5, 0.5, 0.5)
 
 
