@@ -32,12 +32,14 @@ def main() -> int:
     p.add_argument("--same_optimizer", action="store_true", help="torch's fused AdamW for both sides")
     p.add_argument("--out", default=None, help="also write the tables to this markdown file")
     a = p.parse_args()
-    blocks = [f"command: `python {' '.join(sys.argv)}`", environment(), time.strftime("date: %Y-%m-%d %H:%M UTC", time.gmtime())]
+    blocks = [f"command: `python {' '.join(sys.argv)}`", environment(),
+              time.strftime("date: %Y-%m-%d %H:%M UTC", time.gmtime())]
     for case in a.cases:
         name, batch = case.split(":")
         results = run(name, int(batch), precision=a.precision, compile=a.compile, compare="timm",
                       steps=a.steps, repeats=a.repeats, same_optimizer=a.same_optimizer)
-        table = format_table(results, f"\n### {name}, batch {batch}, {a.precision}{', compiled' if a.compile else ''}{', same optimizer' if a.same_optimizer else ''}\n")
+        flags = (", compiled" if a.compile else "") + (", same optimizer" if a.same_optimizer else "")
+        table = format_table(results, f"\n### {name}, batch {batch}, {a.precision}{flags}\n")
         print(table, flush=True)
         blocks.append(table)
     if a.out:

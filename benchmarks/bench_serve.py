@@ -45,7 +45,6 @@ def make_sources(folder: Path) -> list[str]:
     from vitkit.data.preprocess import DataConfig
     from vitkit.engine.checkpoint import save_checkpoint
     from vitkit.models import create_model, get_spec
-
     from vitkit.tools.export import run_export
     from vitkit.tools.inference import load_inference_model
 

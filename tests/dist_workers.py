@@ -8,22 +8,24 @@ PMI_*) and then goes through vitkit's real `init_distributed`, so the tests cove
 from __future__ import annotations
 
 import dataclasses
-
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from vitkit.data.datasets import ArrayDataset
-from vitkit.engine import distributed as D
+from vitkit.engine import launch as L
+from vitkit.engine import parallel as P
 from vitkit.engine.checkpoint import save_checkpoint
 from vitkit.engine.config import Config, optimizer_args
 from vitkit.engine.data_args import data_config_from_config, loader_from_config
 from vitkit.engine.evaluate import evaluate
 from vitkit.engine.optim import create_optimizer
+from vitkit.engine.runtime import seed_all
 from vitkit.models.registry import create_model, get_spec
 
 MODEL = "vit_n_4_32"
@@ -58,19 +60,19 @@ def tiny_data(n: int, seed: int) -> ArrayDataset:
     return ArrayDataset(images, targets, [str(i) for i in range(10)])
 
 
-def build_model(cfg: Config, info: D.DistInfo) -> torch.nn.Module:
-    D.seed_for_init(cfg)
+def build_model(cfg: Config, info: L.DistInfo) -> torch.nn.Module:
+    seed_all(cfg.seed)  # the same initial weights on every rank (FSDP does not broadcast)
     model = create_model(MODEL, depth=2, num_classes=10).to(info.device)
-    return D.wrap_model(model, cfg, info.device)
+    return P.wrap_model(model, fsdp=cfg.fsdp, ema=cfg.ema, device=info.device)
 
 
-def train_steps(cfg: Config, info: D.DistInfo, steps: int = STEPS, *, model: Any = None, opt: Any = None,
+def train_steps(cfg: Config, info: L.DistInfo, steps: int = STEPS, *, model: Any = None, opt: Any = None,
                 start_batch: int = 0) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
     """`steps` optimizer steps of batch_size x world_size x gradient_accumulation_steps images each."""
     if model is None:
         model = build_model(cfg, info)
-        opt = create_optimizer(D.unwrap_model(model), **optimizer_args(cfg))
-    D.seed_for_augmentation(cfg, info.rank)
+        opt = create_optimizer(P.unwrap_model(model), **optimizer_args(cfg))
+    seed_all(cfg.seed + info.rank)
     accum = cfg.gradient_accumulation_steps
     data_config = data_config_from_config(cfg, get_spec(MODEL))
     loader = loader_from_config(cfg, tiny_data(64, seed=1), train=True, data_config=data_config, rank=info.rank,
@@ -80,14 +82,14 @@ def train_steps(cfg: Config, info: D.DistInfo, steps: int = STEPS, *, model: Any
     for _ in range(steps):
         for micro in range(accum):
             images, targets = next(batches)
-            with D.grad_sync(model, sync=micro == accum - 1):
+            with P.grad_sync(model, sync=micro == accum - 1):
                 (F.cross_entropy(model(images.to(info.device)), targets.to(info.device)) / accum).backward()
         opt.step()  # type: ignore[union-attr]
         opt.zero_grad(set_to_none=True)  # type: ignore[union-attr]
     return model, opt  # type: ignore[return-value]
 
 
-def eval_loader(cfg: Config, info: D.DistInfo) -> Any:
+def eval_loader(cfg: Config, info: L.DistInfo) -> Any:
     return loader_from_config(cfg, tiny_data(EVAL_IMAGES, seed=2), train=False,
                               data_config=data_config_from_config(cfg, get_spec(MODEL)), rank=info.rank,
                               world_size=info.world_size)
@@ -95,12 +97,12 @@ def eval_loader(cfg: Config, info: D.DistInfo) -> Any:
 
 def save_run(path: Path, cfg: Config, model: torch.nn.Module, opt: torch.optim.Optimizer) -> None:
     """What a training loop does at a checkpoint: gather on every rank, write on rank 0."""
-    optim_state = D.optimizer_state_dict(model, opt)
-    plain = D.gathered_model(model)
-    if D.is_main():
+    optim_state = P.optimizer_state_dict(model, opt)
+    plain = P.gathered_model(model)
+    if L.is_main():
         save_checkpoint(path, plain, model_name=MODEL, data_config=data_config_from_config(cfg, get_spec(MODEL)),
                         config=cfg.to_dict(), step=STEPS, train_state={"optimizer": optim_state})
-    D.barrier()
+    L.barrier()
 
 
 # -- scenarios: each runs on every rank and leaves rank 0's findings in OUT_DIR ------------------------------
@@ -111,7 +113,7 @@ def scenario_train(out: Path) -> None:
     (out/single.safetensors, written by the test) for one more step."""
     from vitkit.engine.checkpoint import load_checkpoint, load_train_state
 
-    with D.distributed_session(tiny_cfg(distribute=True)) as info:
+    with L.distributed_session(distribute=True, device="cpu") as info:
         _eval_and_collectives(tiny_cfg(distribute=True), info, out)
         results: dict[str, Any] = {}
         for name, overrides in {"ddp": {}, "ddp_accum2": {"gradient_accumulation_steps": 2},
@@ -119,34 +121,34 @@ def scenario_train(out: Path) -> None:
                                 "fsdp": {"fsdp": True}}.items():
             cfg = tiny_cfg(distribute=True, **overrides)
             model, opt = train_steps(cfg, info)
-            results[name] = D.model_state_dict(model)
-            results[name + "_fsdp"] = D.is_fsdp(model)
+            results[name] = P.model_state_dict(model)
+            results[name + "_fsdp"] = P.is_fsdp(model)
             if name == "fsdp":
                 save_run(out / "fsdp.safetensors", cfg, model, opt)
                 # batch 11: the ranks hold 12 and 11 images, 2 and 1 batches; FSDP forwards are collectives
                 loader = eval_loader(tiny_cfg(batch_size=11), info)
-                results["fsdp_eval"] = evaluate(model, D.even_batches(loader, (3, 32, 32)), device=info.device)
+                results["fsdp_eval"] = evaluate(model, P.even_batches(loader, (3, 32, 32)), device=info.device)
                 # 1 -> 2 processes: resume the single-process checkpoint under FSDP, one more step.
                 ckpt = load_checkpoint(out / "single.safetensors")
                 model = build_model(cfg, info)
-                D.load_model_state_dict(model, ckpt.state_dict)
-                opt = create_optimizer(D.unwrap_model(model), **optimizer_args(cfg))
-                D.load_optimizer_state_dict(model, opt, load_train_state(ckpt.path)["optimizer"])
+                P.load_model_state_dict(model, ckpt.state_dict)
+                opt = create_optimizer(P.unwrap_model(model), **optimizer_args(cfg))
+                P.load_optimizer_state_dict(model, opt, load_train_state(ckpt.path)["optimizer"])
                 model, opt = train_steps(cfg, info, 1, model=model, opt=opt, start_batch=STEPS)
-                results["fsdp_resumed"] = D.model_state_dict(model)
+                results["fsdp_resumed"] = P.model_state_dict(model)
         if info.is_main:
             torch.save(results, out / "train.pt")
 
 
-def _eval_and_collectives(cfg: Config, info: D.DistInfo, out: Path) -> None:
+def _eval_and_collectives(cfg: Config, info: L.DistInfo, out: Path) -> None:
     model = build_model(cfg, info)
     result = evaluate(model, eval_loader(cfg, info), device=info.device, collect=True)
     shard = len(eval_loader(cfg, info).plan.epoch(0)[0])
     facts = {
-        "info": D.gather_objects((info.rank, info.world_size, info.local_rank, info.is_main, str(info.device))),
-        "shards": D.gather_objects(shard),
-        "rank_sum": D.all_reduce_sum(torch.tensor([info.rank + 1.0])).item(),
-        "broadcast": D.broadcast_object({"from": info.rank}),
+        "info": L.gather_objects((info.rank, info.world_size, info.local_rank, info.is_main, str(info.device))),
+        "shards": L.gather_objects(shard),
+        "rank_sum": L.all_reduce_sum(torch.tensor([info.rank + 1.0])).item(),
+        "broadcast": L.broadcast_object({"from": info.rank}),
         "master": (os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"]),
     }
     if info.is_main:
@@ -156,7 +158,7 @@ def _eval_and_collectives(cfg: Config, info: D.DistInfo, out: Path) -> None:
 def scenario_eval(out: Path) -> None:
     """Distributed evaluation of a fixed model on EVAL_IMAGES images, plus the small collectives."""
     cfg = tiny_cfg(distribute=True)
-    with D.distributed_session(cfg) as info:
+    with L.distributed_session(distribute=cfg.distribute, device=cfg.device) as info:
         _eval_and_collectives(cfg, info, out)
 
 

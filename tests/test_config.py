@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import types
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,16 @@ from torchvision.transforms import v2
 
 from vitkit.data.transforms import build_transform
 from vitkit.engine.checkpoint import load_checkpoint
-from vitkit.engine.config import FIELDS, IGNORED_KEYS, RENAMED_KEYS, ConfigError, from_dict, load_config, resolve
+from vitkit.engine.config import (
+    FIELDS,
+    IGNORED_KEYS,
+    RENAMED_KEYS,
+    ConfigError,
+    from_dict,
+    global_batch_line,
+    load_config,
+    resolve,
+)
 from vitkit.engine.data_args import data_config_from_config
 from vitkit.engine.train import run
 from vitkit.models import get_spec
@@ -279,3 +289,41 @@ def test_run_saves_the_resolved_config_with_sources_and_it_round_trips(tiny_run:
     again = load_config(["-c", str(run_dir / "config.yaml")], notices=[])
     assert again == expected and from_dict(yaml.safe_load(text)) == expected
     assert from_dict(load_checkpoint(run_dir / "last.safetensors").config) == expected
+
+
+def test_resolve_sets_world_size_global_batch_and_scales_lr() -> None:
+    four = types.SimpleNamespace(world_size=4)  # what resolve reads of a launcher's LaunchEnv
+    args = ["--batch_size", "64", "--gradient_accumulation_steps", "2", "--lr", "1.6e-3",
+            "--reference_batch_size", "4096"]
+    cfg = resolve(args, launch=four, notices=(notes := []))
+    assert (cfg.world_size, cfg.global_batch) == (4, 512)
+    assert global_batch_line(cfg) == "global batch 512 = batch_size 64 per process x 4 processes x 2 accumulation steps"
+    assert any("linearly scaled lr would be 0.0002" in n for n in notes) and cfg.lr == 1.6e-3  # warned, not applied
+    scaled = resolve([*args, "--scale_lr"], launch=four, notices=[])
+    assert scaled.lr == pytest.approx(2e-4) and "scaled by scale_lr" in scaled.sources["lr"]
+    same = resolve(["--batch_size", "512", "--lr", "1e-3", "--reference_batch_size", "4096", "--scale_lr"],
+                   launch=types.SimpleNamespace(world_size=8), notices=(notes := []))
+    assert same.lr == 1e-3 and not any("warning" in n for n in notes)
+    with pytest.raises(ConfigError, match="reference_batch_size"):
+        resolve(["--scale_lr"], notices=[])
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.lr = 1.0  # type: ignore[misc]
+
+
+def test_resolve_falls_back_to_one_process_only_for_a_recipe_setting(tmp_path: Path) -> None:
+    recipe = write(tmp_path / "r.yaml", "distribute: true\n")
+    cfg = resolve(["-c", str(recipe)], notices=(notes := []))
+    assert not cfg.distribute and cfg.world_size == 1
+    assert any("no launcher started this process; running in one process" in n for n in notes)
+    # on the command line it stays true, and starting without a launcher is then an error (launch)
+    assert resolve(["-c", str(recipe), "--distribute"], notices=[]).distribute is True
+    assert resolve(["-c", str(recipe)], launch=types.SimpleNamespace(world_size=2), notices=[]).distribute
+
+
+def test_optimizer_and_schedule_defaults_are_written_out() -> None:
+    assert load_config(["--opt", "lion"], notices=[]).beta2 == 0.99  # the Lion paper's
+    assert load_config(["--opt", "adamw"], notices=[]).beta2 == 0.999
+    assert load_config(["--opt", "lion", "--beta2", "0.98"], notices=[]).beta2 == 0.98
+    assert load_config(["--decay_rate", "0.5"], notices=[]).power == 0.5  # MindCV's polynomial power
+    assert load_config(["--power", "2"], notices=[]).power == 2.0
+    assert load_config([], notices=[]).interpolation is None  # the model's own

@@ -13,7 +13,8 @@ from vitkit.engine.config import DEMO_RECIPE, load_config, resolve, schedule_arg
 from vitkit.engine.data_args import data_config_from_config, dataset_from_config, loader_from_config
 from vitkit.engine.schedule import build_schedule
 from vitkit.engine.train import run
-from vitkit.models import create_model, get_spec, model_info
+from vitkit.models import create_model, get_spec
+from vitkit.weights import model_info
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))

@@ -3,7 +3,6 @@ determinism and sharding."""
 from __future__ import annotations
 
 import dataclasses
-
 import random
 from pathlib import Path
 

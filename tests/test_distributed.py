@@ -15,15 +15,17 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-import dist_workers as W
-from vitkit.engine import distributed as D
+from vitkit.engine import launch as L
+from vitkit.engine import parallel as P
 from vitkit.engine.checkpoint import load_checkpoint, load_train_state
-from vitkit.engine.config import Config, optimizer_args
+from vitkit.engine.config import optimizer_args
 from vitkit.engine.evaluate import evaluate
 from vitkit.engine.optim import create_optimizer
 from vitkit.errors import ConfigError
 
-SINGLE = D.DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), is_main=True)
+import dist_workers as W
+
+SINGLE = L.DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), is_main=True)
 ATOL = 1e-5  # issue 6: same weights within 1e-5
 
 
@@ -54,58 +56,31 @@ def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) 
     ({"PMI_RANK": "2", "PMI_SIZE": "4", "MPI_LOCALRANKID": "0"}, ("MPI (PMI)", 2, 4, 0)),
     ({"PMI_RANK": "2", "PMI_SIZE": "4"}, ("MPI (PMI)", 2, 4, None)),
     # torchrun inside an MPI allocation: torchrun's own variables win
-    ({"RANK": "0", "WORLD_SIZE": "2", "OMPI_COMM_WORLD_RANK": "1", "OMPI_COMM_WORLD_SIZE": "4"}, ("torchrun", 0, 2, None)),
+    ({"RANK": "0", "WORLD_SIZE": "2", "OMPI_COMM_WORLD_RANK": "1", "OMPI_COMM_WORLD_SIZE": "4"},
+     ("torchrun", 0, 2, None)),
 ])
 def test_detect_launcher(env: dict[str, str], expected: tuple) -> None:
-    launch = D.detect_launcher(env)
+    launch = L.detect_launcher(env)
     assert (launch.launcher, launch.rank, launch.world_size, launch.local_rank) == expected
 
 
 def test_detect_launcher_none_and_bad_values() -> None:
-    assert D.detect_launcher({"PATH": "/bin", "RANK": "0"}) is None  # RANK alone is not a launch
+    assert L.detect_launcher({"PATH": "/bin", "RANK": "0"}) is None  # RANK alone is not a launch
     with pytest.raises(ConfigError, match="rank 4 of 2"):
-        D.detect_launcher({"RANK": "4", "WORLD_SIZE": "2"})
+        L.detect_launcher({"RANK": "4", "WORLD_SIZE": "2"})
     with pytest.raises(ConfigError, match="not integers"):
-        D.detect_launcher({"PMI_RANK": "x", "PMI_SIZE": "2"})
+        L.detect_launcher({"PMI_RANK": "x", "PMI_SIZE": "2"})
 
 
-def test_distribute_true_without_launcher_is_a_clear_error(capsys: pytest.CaptureFixture) -> None:
+def test_distribute_true_without_launcher_is_a_clear_error() -> None:
+    # (a recipe's distribute: true without a launcher falls back to one process in `resolve`: test_config.py)
     with pytest.raises(ConfigError, match="torchrun --nproc_per_node N"):
-        D.init_distributed(Config(distribute=True, device="cpu"), environ={})
-    cli = Config(distribute=True, device="cpu")
-    cli.sources["distribute"] = "command line"
-    with pytest.raises(ConfigError, match="torchrun --nproc_per_node N"):
-        D.init_distributed(cli, environ={})
-    # the seed's `python train.py -c configs/vit/vit_b32_224.yaml` (distribute: true in the recipe) runs as
-    # written, in one process, with a one-line notice
-    recipe = Config(distribute=True, device="cpu")
-    recipe.sources["distribute"] = "configs/vit/vit_b32_224.yaml"
-    info = D.init_distributed(recipe, environ={})
-    assert info == SINGLE and not recipe.distribute
-    assert "no launcher started this process; running in one process" in capsys.readouterr().err
-    info = D.init_distributed(Config(distribute=False, device="cpu"), environ={})
+        L.init_distributed(distribute=True, device="cpu", environ={})
+    info = L.init_distributed(distribute=False, device="cpu", environ={})
     assert info == SINGLE and not info.distributed
     # a launcher that started one process: a plain single process, no process group
-    info = D.init_distributed(Config(distribute=True, device="cpu"), environ={"RANK": "0", "WORLD_SIZE": "1"})
+    info = L.init_distributed(distribute=True, device="cpu", environ={"RANK": "0", "WORLD_SIZE": "1"})
     assert info == SINGLE and not torch.distributed.is_initialized()
-
-
-# -- global batch and learning rate ---------------------------------------------------------------------------
-
-def test_global_batch_printed_and_lr_scaled(capsys: pytest.CaptureFixture) -> None:
-    cfg = Config(batch_size=64, gradient_accumulation_steps=2, lr=1.6e-3, reference_batch_size=4096)
-    assert D.apply_global_batch(cfg, world_size=4) == 512
-    out = capsys.readouterr()
-    assert "global batch 512 = batch_size 64 per process x 4 processes x 2 accumulation steps" in out.out
-    assert "linearly scaled lr would be 0.0002" in out.err and cfg.lr == 1.6e-3  # warned, not applied
-    cfg.scale_lr = True
-    D.apply_global_batch(cfg, world_size=4)
-    assert cfg.lr == pytest.approx(2e-4) and "scaled by scale_lr" in cfg.sources["lr"]
-    same = Config(batch_size=512, lr=1e-3, reference_batch_size=4096, scale_lr=True)
-    D.apply_global_batch(same, world_size=8)
-    assert same.lr == 1e-3 and "warning" not in capsys.readouterr().err
-    with pytest.raises(ConfigError, match="reference_batch_size"):
-        D.apply_global_batch(Config(scale_lr=True), world_size=1)
 
 
 # -- optimizer state format ------------------------------------------------------------------------------------
@@ -116,15 +91,15 @@ def test_optimizer_state_is_torchs_format_and_round_trips_by_name() -> None:
 
     cfg = W.tiny_cfg(weight_decay_filter="norm_and_bias")  # two param groups
     model, opt = W.train_steps(cfg, SINGLE, 1)
-    by_name = get_optimizer_state_dict(model, opt, options=D._full_options())
-    ours, torchs = D._fqn_to_index(by_name), opt.state_dict()
+    by_name = get_optimizer_state_dict(model, opt, options=P._full_options())
+    ours, torchs = P._fqn_to_index(by_name), opt.state_dict()
     assert len(torchs["param_groups"]) == 2
     assert ours["param_groups"] == torchs["param_groups"]
     assert ours["state"].keys() == torchs["state"].keys()
     for i, s in torchs["state"].items():
         for k, v in s.items():
             assert torch.equal(ours["state"][i][k], v)
-    back = D._index_to_fqn(torchs, opt, model)
+    back = P._index_to_fqn(torchs, opt, model)
     assert back["param_groups"] == by_name["param_groups"] and back["state"].keys() == by_name["state"].keys()
 
 
@@ -138,11 +113,11 @@ def train_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     for name, accum in {"ddp": 1, "ddp_accum2": 2}.items():
         cfg = W.tiny_cfg(batch_size=2 * W.BATCH, gradient_accumulation_steps=accum)
         model, opt = W.train_steps(cfg, SINGLE)
-        refs[name] = D.model_state_dict(model)
+        refs[name] = P.model_state_dict(model)
         if name == "ddp":  # the checkpoint the FSDP workers resume from, and where one process goes on
             W.save_run(out / "single.safetensors", cfg, model, opt)
             W.train_steps(cfg, SINGLE, 1, model=model, opt=opt, start_batch=W.STEPS)
-            refs["resumed"] = D.model_state_dict(model)
+            refs["resumed"] = P.model_state_dict(model)
     spawn("train", "ompi", 2, out)  # Open MPI's variables, set by hand
     return out, {"refs": refs, "dist": torch.load(out / "train.pt", weights_only=True)}
 
@@ -152,7 +127,7 @@ def test_ddp_two_processes_equal_one_process_with_twice_the_batch(train_run: tup
     assert not r["dist"]["ddp_fsdp"]
     assert_same_weights(r["dist"]["ddp"], r["refs"]["ddp"])
     # and training did move the weights (the comparison is not vacuous)
-    init = D.model_state_dict(W.build_model(W.tiny_cfg(), SINGLE))
+    init = P.model_state_dict(W.build_model(W.tiny_cfg(), SINGLE))
     assert max((init[k] - r["refs"]["ddp"][k]).abs().max().item() for k in init) > 1e-3
 
 
@@ -218,7 +193,7 @@ def test_distributed_eval_counts_every_image_once(world: int, train_run: tuple[P
     assert sum(got["shards"]) == W.EVAL_IMAGES and len(set(got["shards"])) == 2  # uneven, no padding
     assert got["info"] == [(r, world, r, r == 0, "cpu") for r in range(world)]
     assert got["rank_sum"] == sum(range(1, world + 1)) and got["broadcast"] == {"from": 0}
-    assert got["master"][0] == D.DEFAULT_MASTER_ADDR
+    assert got["master"][0] == L.DEFAULT_MASTER_ADDR
 
 
 @pytest.mark.skipif(shutil.which("mpirun") is None, reason="mpirun is not installed")

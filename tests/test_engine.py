@@ -19,7 +19,6 @@ from vitkit.engine.saver import CheckpointSaver
 from vitkit.engine.train import run
 from vitkit.errors import VitkitError
 
-
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "data" / "cifar10_sample"
 

@@ -4,10 +4,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+import vitkit
 from vitkit.data.preprocess import DataConfig
 from vitkit.engine.checkpoint import load_checkpoint, save_checkpoint
 from vitkit.models import ViTConfig, VisionTransformer, create_model, get_spec, list_models, resample_pos_embed
-from vitkit.models.registry import count_macs, register, ModelSpec
+from vitkit.models.registry import ModelSpec, count_macs, register
 from vitkit.models.vit import count_params
 
 SEED_NAMES = ["vit_b_16_224", "vit_b_16_384", "vit_b_32_224", "vit_b_32_384", "vit_l_16_224", "vit_l_16_384",
@@ -232,7 +233,7 @@ def test_fixed_pos_embed_checkpoint_rebuilds_its_variant(tmp_path):
     src = create_model("vit_n_4_32", depth=1, pos_embed="sincos2d")
     dc = DataConfig(32, (0.5,) * 3, (0.5,) * 3, "bicubic", 1.0)
     path = save_checkpoint(tmp_path / "s.safetensors", src, model_name="vit_n_4_32", data_config=dc)
-    model = create_model("vit_n_4_32", depth=1, pretrained=str(path))  # the checkpoint decides pos_embed
+    model = vitkit.create_model("vit_n_4_32", depth=1, pretrained=str(path))  # the checkpoint decides pos_embed
     assert model.cfg.pos_embed == "sincos2d" and torch.equal(model.pos_embed, src.pos_embed)
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():

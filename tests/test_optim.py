@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from timm.optim import Lamb, Lion
 
 from vitkit.engine.config import load_config, optimizer_args
@@ -93,13 +92,13 @@ def test_create_optimizer_names(name, cls, extra):
 
 def test_resumed_optimizer_keeps_this_runs_kernel():
     """A state saved by a fused optimizer (one CPU) loads into a foreach one (FSDP's choice) without switching."""
-    from vitkit.engine import distributed as D
+    from vitkit.engine.parallel import load_optimizer_state_dict
 
     model = tiny()
     fused = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, fused=True)
     model(torch.randn(2, 3, 32, 32)).sum().backward()
     fused.step()
     mine = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, foreach=True)
-    D.load_optimizer_state_dict(model, mine, fused.state_dict())
+    load_optimizer_state_dict(model, mine, fused.state_dict())
     assert mine.param_groups[0]["foreach"] is True and not mine.param_groups[0]["fused"]
     assert len(mine.state) == len(fused.state)

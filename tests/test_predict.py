@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from PIL import Image
 from safetensors.torch import load_file
 
 from vitkit.cli import main as cli_main
@@ -20,8 +20,13 @@ from vitkit.data.preprocess import DataConfig
 from vitkit.data.transforms import build_transform
 from vitkit.engine.checkpoint import save_checkpoint
 from vitkit.models import create_model, get_spec
-from vitkit.tools.inference import (DEFAULT_MAX_PIXELS, ImageError, default_class_names, image_to_tensor,
-                                    imagenet_class_names)
+from vitkit.tools.inference import (
+    DEFAULT_MAX_PIXELS,
+    ImageError,
+    default_class_names,
+    image_to_tensor,
+    imagenet_class_names,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 CIFAR = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -40,7 +45,8 @@ def images(tmp_path: Path) -> Path:
     folder = tmp_path / "imgs"
     (folder / "sub").mkdir(parents=True)
     for i, cls in enumerate(("cat", "ship", "frog")):
-        shutil.copy(REPO / "data/cifar10_sample/test" / cls / "0003.jpg", folder / ("sub" if i == 2 else "") / f"{cls}.jpg")
+        shutil.copy(REPO / "data/cifar10_sample/test" / cls / "0003.jpg",
+                    folder / ("sub" if i == 2 else "") / f"{cls}.jpg")
     good = (REPO / "data/cifar10_sample/test/dog/0000.jpg").read_bytes()
     (folder / "truncated.jpg").write_bytes(good[: len(good) // 2])
     (folder / "notes.png").write_bytes(b"this is not an image")
@@ -109,7 +115,8 @@ def test_table_and_csv_formats(tmp_path: Path, images: Path, capsys: pytest.Capt
     assert [r["rank"] for r in rows[:5]] == ["1", "2", "3", "4", "5"] and rows[5]["error"].startswith("empty")
 
 
-def test_class_names_checkpoint_first_then_imagenet(tmp_path: Path, images: Path, capsys: pytest.CaptureFixture) -> None:
+def test_class_names_checkpoint_first_then_imagenet(tmp_path: Path, images: Path,
+                                                    capsys: pytest.CaptureFixture) -> None:
     names = imagenet_class_names()
     assert len(names) == 1000 and len(set(names)) == 1000 and names[0] == "tench" and names[999] == "toilet tissue"
     assert default_class_names(1000) == names and default_class_names(3) == ["class_0", "class_1", "class_2"]

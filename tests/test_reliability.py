@@ -159,7 +159,7 @@ def test_sigkill_at_random_moments_until_done_equals_uninterrupted_run(tmp_path)
     reference = train(tmp_path / "reference", *longer)
     assert reference.returncode == 0, reference.stderr
     run_dir, rng, kills = tmp_path / "run", random.Random(0), 0
-    for attempt in range(40):
+    for attempt in range(40):  # noqa: B007 (reported after the loop)
         extra = (*longer, "--resume") if (run_dir / "last.safetensors").exists() else longer
         proc = subprocess.Popen([sys.executable, "-m", "vitkit.cli", "train", *train_args(run_dir, *extra)],
                                 env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -209,7 +209,7 @@ def fill_disk_for(monkeypatch, name: str, how: str) -> None:
     file, so the weights take the fsync path; its own ENOSPC message is checked in test_errno_of_...)"""
     import tempfile
 
-    import vitkit.engine.checkpoint as C
+    import vitkit.io as C
 
     if how == "write":
         real = tempfile.mkstemp
@@ -263,7 +263,7 @@ def test_errno_of_a_failed_write_behind_library_errors():
     """The exceptions torch.save (through a Python file) and safetensors 0.8 raised on a full 2 MiB tmpfs."""
     from safetensors import SafetensorError
 
-    from vitkit.engine.checkpoint import _write_errno
+    from vitkit.io import _write_errno
 
     assert _write_errno(SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")) \
         == errno.ENOSPC
@@ -271,7 +271,7 @@ def test_errno_of_a_failed_write_behind_library_errors():
         try:
             raise OSError(errno.ENOSPC, "No space left on device")
         except OSError:
-            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")  # noqa: B904
     except RuntimeError as e:
         assert _write_errno(e) == errno.ENOSPC
     assert _write_errno(RuntimeError("a bug")) is None  # re-raised as is, not dressed up as a user error
@@ -390,8 +390,8 @@ def test_grayscale_cmyk_16bit_and_zero_byte_files(tmp_path, in_memory):
     from PIL import Image
 
     from vitkit.data import DataConfig
-    from vitkit.engine.data_args import dataset_from_config, loader_from_config
     from vitkit.engine.config import load_config
+    from vitkit.engine.data_args import dataset_from_config, loader_from_config
 
     size = 48 if in_memory == "true" else 80  # <= 64 px: decoded into memory; larger: decoded per sample
     root = tmp_path / "train"
@@ -422,9 +422,10 @@ def test_grayscale_cmyk_16bit_and_zero_byte_files(tmp_path, in_memory):
 
 # -- 4. property-based fuzz of the config parser -------------------------------------------------------------
 
-from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
 
-from vitkit.engine.config import FIELDS, from_dict, load_config, parse_cli  # noqa: E402
+from vitkit.engine.config import FIELDS, from_dict, load_config  # noqa: E402
 from vitkit.errors import VitkitError  # noqa: E402
 
 NAMES = st.sampled_from(sorted(FIELDS))
@@ -559,7 +560,8 @@ def test_checkpoint_files_get_the_usual_permissions(tmp_path):
     import stat
 
     from vitkit.data.preprocess import DataConfig
-    from vitkit.engine.checkpoint import _UMASK, atomic_write, save_checkpoint
+    from vitkit.engine.checkpoint import save_checkpoint
+    from vitkit.io import _UMASK, atomic_write
     from vitkit.models import create_model
 
     model = create_model("vit_n_4_32", depth=1)

@@ -7,8 +7,8 @@ builders: warmup list of `steps_per_epoch * warmup_epochs` values, then the main
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from bisect import bisect_right
+from pathlib import Path
 
 import pytest
 
@@ -68,7 +68,8 @@ CASES = [
 def test_schedule_equals_mindcv(scheduler, extra, stair):
     spe, epochs, warmup = 7, 18, 3
     kw = dict(spe=spe, lr=0.01, min_lr=1e-4, warmup_epochs=warmup, warmup_factor=0.01, decay_rate=0.7,
-              milestones=extra.get("milestones", [30]), num_epochs=epochs, stair=stair, decay_epochs=extra["decay_epochs"],
+              milestones=extra.get("milestones", [30]), num_epochs=epochs, stair=stair,
+              decay_epochs=extra["decay_epochs"],
               num_cycles=extra.get("num_cycles", 1), cycle_decay=extra.get("cycle_decay", 1.0))
     ref = mindcv_lrs(scheduler, **kw)
     assert len(ref) == spe * epochs

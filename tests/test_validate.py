@@ -159,8 +159,8 @@ def test_root_validate_py_runs_the_seed_command(data: Path, tmp_path: Path) -> N
 
 
 def test_use_ema_evaluates_the_ema_weights(data: Path, tmp_path: Path) -> None:
-    from vitkit.engine.data_args import dataset_from_config, loader_from_config
     from vitkit.engine.config import load_config
+    from vitkit.engine.data_args import dataset_from_config, loader_from_config
     from vitkit.engine.evaluate import evaluate
 
     torch.manual_seed(0)

@@ -52,8 +52,8 @@ def test_convert_without_a_matching_name_says_what_to_pass(tmp_path, capsys):
 
 def test_sources_table_agrees_with_timm_and_torchvision():
     """Every hub id, npz URL, torchvision URL and top-1 in the table is what the publisher's own code says."""
-    from timm.models._registry import get_pretrained_cfg
     import torchvision.models as tvm
+    from timm.models._registry import get_pretrained_cfg
 
     tv = {w.url: w for enum in (tvm.ViT_B_16_Weights, tvm.ViT_B_32_Weights, tvm.ViT_L_16_Weights,
                                  tvm.ViT_L_32_Weights, tvm.ViT_H_14_Weights) for w in enum}

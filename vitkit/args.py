@@ -1,11 +1,12 @@
 """The command line of every `vitkit` verb: one argparse style, and every flag spelled either way
-(`--use_ema` as MindCV users type it, `--use-ema` as timm users do). Config keys go through the schema's own
-parser (`vitkit.engine.config.parse_cli`), which accepts both spellings too."""
+(`--use_ema` as MindCV users type it, `--use-ema` as timm users do). The verbs that take a run config get
+one option per config field, generated from the schema (`vitkit.engine.config.add_config_arguments`)."""
 from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 
 def underscore_flags(argv: Sequence[str]) -> list[str]:
@@ -19,14 +20,23 @@ def underscore_flags(argv: Sequence[str]) -> list[str]:
     return out
 
 
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """argparse's help, with an action's metavar shown as given when it asks (`--lr FLOAT`, not `[FLOAT ...]`)."""
+
+    def _format_args(self, action: argparse.Action, default_metavar: str) -> str:
+        if getattr(action, "plain_metavar", False) and isinstance(action.metavar, str):
+            return action.metavar
+        return super()._format_args(action, default_metavar)
+
+
 class VerbParser(argparse.ArgumentParser):
     """`vitkit VERB`'s parser: its module docstring as --help, no abbreviated flags, both flag spellings."""
 
-    def __init__(self, verb: str, doc: Optional[str], **kwargs: Any):
+    def __init__(self, verb: str, doc: str | None, **kwargs: Any):
         super().__init__(prog=f"vitkit {verb}", description=doc, allow_abbrev=False,
-                         formatter_class=argparse.RawDescriptionHelpFormatter, **kwargs)
+                         formatter_class=_Formatter, **kwargs)
 
-    def parse_known_args(self, args: Optional[Sequence[str]] = None, namespace: Any = None) -> Any:
+    def parse_known_args(self, args: Sequence[str] | None = None, namespace: Any = None) -> Any:
         return super().parse_known_args(underscore_flags(sys.argv[1:] if args is None else args), namespace)
 
     def add_source(self, help: str) -> None:
@@ -34,7 +44,7 @@ class VerbParser(argparse.ArgumentParser):
         self.add_argument("source", nargs="?", help=f"{help} (or --ckpt_path)")
         self.add_argument("--ckpt_path", default=None, help="the checkpoint, instead of the positional SOURCE")
 
-    def parse_with_source(self, argv: Sequence[str], more: Optional[str] = None) -> argparse.Namespace:
+    def parse_with_source(self, argv: Sequence[str], more: str | None = None) -> argparse.Namespace:
         """Parse; with `--ckpt_path`, a positional given is the first of the `more` arguments (predict's images)."""
         args = self.parse_args(argv)
         if args.ckpt_path is not None:

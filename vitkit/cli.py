@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import importlib
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from vitkit.errors import VitkitError, disk_full_message
 
@@ -16,7 +16,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "serve": ("vitkit.tools.serve", "HTTP service for a checkpoint or an ONNX model"),
     "benchmark": ("vitkit.tools.benchmark", "images/s, step time, memory and MFU, optionally against timm"),
     "models": ("vitkit.tools.models", "list registered models with their metadata"),
-    "convert": ("vitkit.weights.convert", "convert any supported weights file to a vitkit safetensors file"),
+    "convert": ("vitkit.tools.convert", "convert any supported weights file to a vitkit safetensors file"),
     "data": ("vitkit.data.check", "vitkit data check DIR: unreadable files, empty classes, imbalance"),
     "demo": ("vitkit.tools.demo", "train the built-in demo recipe on the bundled CIFAR-10 sample, then validate"),
 }

@@ -11,19 +11,23 @@ and the optimizer's / schedule's own defaults written out as values. The result 
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import difflib
 import json
 import math
+import re
 import sys
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Union
 
 import yaml
 
+from vitkit.args import VerbParser
 from vitkit.engine.checkpoint import read_metadata
 from vitkit.errors import ConfigError  # noqa: E402  (re-exported: callers import it from here too)
 
@@ -52,19 +56,19 @@ class Config:
     compile: bool = _f(False, "torch.compile the model", SYS)
     fsdp: bool = _f(False, "shard parameters with FSDP instead of replicating them (DDP)", SYS)
     scale_lr: bool = _f(False, "scale lr linearly by global batch / reference_batch_size", SYS)
-    reference_batch_size: Optional[int] = _f(None, "global batch the recipe's lr was tuned for", SYS)
+    reference_batch_size: int | None = _f(None, "global batch the recipe's lr was tuned for", SYS)
     nan_policy: str = _f("stop", "on a non-finite loss: stop, or rollback to the last checkpoint", SYS,
                          choices=("stop", "rollback"))
-    max_steps: Optional[int] = _f(None, "stop after this many optimizer steps (schedule unchanged)", SYS)
-    resume: Union[bool, str] = _f(False, "continue a run: a checkpoint path, or true for the latest "
+    max_steps: int | None = _f(None, "stop after this many optimizer steps (schedule unchanged)", SYS)
+    resume: bool | str = _f(False, "continue a run: a checkpoint path, or true for the latest "
                                          "checkpoint in ckpt_save_dir", SYS)
     smoke: bool = _f(False, "shrink any recipe to a few steps on a few images, to check it runs", SYS)
     world_size: int = _f(1, "processes the run is launched on (set by resolve from the launcher)", SYS)
-    global_batch: Optional[int] = _f(None, "batch_size x world_size x gradient_accumulation_steps (set by "
+    global_batch: int | None = _f(None, "batch_size x world_size x gradient_accumulation_steps (set by "
                                            "resolve)", SYS)
     # -- dataset ----------------------------------------------------------------------------------
     dataset: str = _f("imagenet", "imagenet / imagefolder (data_dir/<split>/<class>/*), cifar10, cifar100", DATA)
-    data_dir: Optional[str] = _f(None, "dataset root", DATA)
+    data_dir: str | None = _f(None, "dataset root", DATA)
     shuffle: bool = _f(True, "shuffle training data", DATA)
     dataset_download: bool = _f(False, "download the dataset (cifar10/cifar100) if it is not in data_dir", DATA)
     batch_size: int = _f(128, "images per device per step", DATA)
@@ -72,13 +76,13 @@ class Config:
     train_split: str = _f("train", "training split folder", DATA)
     val_split: str = _f("val", "validation split folder", DATA)
     num_parallel_workers: int = _f(8, "data loader worker processes", DATA)
-    num_samples: Optional[int] = _f(None, "use a stratified, seeded subset of this many training images", DATA)
-    val_num_samples: Optional[int] = _f(None, "validate on a stratified, seeded subset of this many images", DATA)
-    num_classes: Optional[int] = _f(None, "number of classes (default: the dataset's)", DATA)
+    num_samples: int | None = _f(None, "use a stratified, seeded subset of this many training images", DATA)
+    val_num_samples: int | None = _f(None, "validate on a stratified, seeded subset of this many images", DATA)
+    num_classes: int | None = _f(None, "number of classes (default: the dataset's)", DATA)
     aug_repeats: int = _f(0, "repeated augmentation: each image this many times per epoch (0/1 = off)", DATA)
     bad_image_limit: float = _f(0.01, "stop when more than this share of an epoch's images (and more than 10) "
                                       "are unreadable; unreadable images are replaced and counted", DATA)
-    in_memory: Optional[bool] = _f(None, "decode small images (<= 64 px) once into memory and augment whole "
+    in_memory: bool | None = _f(None, "decode small images (<= 64 px) once into memory and augment whole "
                                          "batches (default: when they fit in 2 GiB)", DATA)
     gpu_decode: bool = _f(False, "decode JPEGs on the GPU (nvJPEG) and crop/flip/normalize there", DATA)
     # -- augmentation -----------------------------------------------------------------------------
@@ -88,26 +92,28 @@ class Config:
     hflip: float = _f(0.5, "horizontal flip probability", AUG)
     vflip: float = _f(0.0, "vertical flip probability", AUG)
     # MindCV's ViT recipes write a list (`color_jitter: [0.4, 0.4, 0.4]`), as timm accepts: 3 or 4 strengths.
-    color_jitter: Optional[Union[float, tuple[float, float, float], tuple[float, float, float, float]]] = _f(
+    color_jitter: float | tuple[float, float, float] | tuple[float, float, float, float] | None = _f(
         None, "jitter strength: one number for brightness/contrast/saturation, or a list of 3 (or 4, with hue)", AUG)
-    interpolation: Optional[str] = _f(None, "resize interpolation (default: the model's)", AUG,
+    interpolation: str | None = _f(None, "resize interpolation (default: the model's)", AUG,
                                       choices=(None, "bilinear", "bicubic", "nearest", "lanczos", "area"))
-    auto_augment: Optional[str] = _f(None, "randaug-m9-mstd0.5, autoaug, autoaugr, trivialaugwide, augmix, 3a", AUG)
+    auto_augment: str | None = _f(None, "randaug-m9-mstd0.5, autoaug, autoaugr, trivialaugwide, augmix, 3a", AUG)
     re_prob: float = _f(0.0, "random erasing probability", AUG)
     re_scale: tuple[float, float] = _f((0.02, 0.33), "random erasing area range", AUG)
     re_ratio: tuple[float, float] = _f((0.3, 3.3), "random erasing aspect-ratio range", AUG)
-    re_value: Union[float, str] = _f(0, "random erasing fill: a number or 'random'", AUG)
+    re_value: float | str = _f(0, "random erasing fill: a number or 'random'", AUG)
     re_max_attempts: int = _f(10, "random erasing attempts", AUG)
-    mean: Optional[tuple[float, float, float]] = _f(None, "normalization mean (0-1 or 0-255 units; default: model's)", AUG)
-    std: Optional[tuple[float, float, float]] = _f(None, "normalization std (0-1 or 0-255 units; default: model's)", AUG)
-    crop_pct: Optional[float] = _f(None, "eval: resize to image_resize / crop_pct, center crop (default: model's)", AUG)
+    mean: tuple[float, float, float] | None = _f(None, "normalization mean (0-1 or 0-255 units; default: "
+                                                          "model's)", AUG)
+    std: tuple[float, float, float] | None = _f(None, "normalization std (0-1 or 0-255 units; default: model's)",
+                                                   AUG)
+    crop_pct: float | None = _f(None, "eval: resize to image_resize / crop_pct, center crop (default: model's)", AUG)
     mixup: float = _f(0.0, "mixup alpha (0 = off)", AUG)
     cutmix: float = _f(0.0, "cutmix alpha (0 = off)", AUG)
     cutmix_prob: float = _f(1.0, "probability of applying mixup or cutmix to a batch", AUG)
     mixup_switch_prob: float = _f(0.5, "probability of cutmix instead of mixup when both are on", AUG)
     # -- model ------------------------------------------------------------------------------------
     model: str = _f("vit_b_32_224", "registered model name (`vitkit models`)", MODEL)
-    pretrained: Union[bool, str] = _f(False, "true (the model's default weights), a file, URL or hub id", MODEL)
+    pretrained: bool | str = _f(False, "true (the model's default weights), a file, URL or hub id", MODEL)
     ckpt_path: str = _f("", "weights to start from (any supported format), or with resume_opt a run to resume", MODEL)
     resume_opt: bool = _f(False, "with ckpt_path: also restore optimizer, scheduler and step", MODEL)
     in_channels: int = _f(3, "input channels", MODEL)
@@ -133,7 +139,7 @@ class Config:
     # -- optimizer --------------------------------------------------------------------------------
     opt: str = _f("adamw", "optimizer", OPT, choices=("adamw", "adam", "sgd", "momentum", "lamb", "lion"))
     momentum: float = _f(0.9, "momentum (sgd/momentum) or beta1 (adam/adamw/lamb/lion)", OPT)
-    beta2: Optional[float] = _f(None, "second-moment decay (adam/adamw/lamb), beta2 of lion (default: the "
+    beta2: float | None = _f(None, "second-moment decay (adam/adamw/lamb), beta2 of lion (default: the "
                                       "optimizer's own, 0.99 for lion as in its paper, else 0.999)", OPT)
     eps: float = _f(1e-8, "optimizer epsilon", OPT)
     weight_decay: float = _f(1e-6, "weight decay", OPT)
@@ -141,7 +147,7 @@ class Config:
                                              "auto (no_weight_decay + 1-d), norm_and_bias (1-d)", OPT,
                                   choices=("disable", "auto", "norm_and_bias"))
     use_nesterov: bool = _f(False, "nesterov momentum", OPT)
-    layer_decay: Optional[float] = _f(None, "layer-wise lr decay factor (e.g. 0.65 for finetuning)", OPT)
+    layer_decay: float | None = _f(None, "layer-wise lr decay factor (e.g. 0.65 for finetuning)", OPT)
     loss_scale_type: str = _f("dynamic", "fp16 loss scaling", OPT, choices=("fixed", "dynamic", "auto"))
     loss_scale: float = _f(1024.0, "initial (dynamic) or constant (fixed) fp16 loss scale", OPT)
     # -- scheduler --------------------------------------------------------------------------------
@@ -152,13 +158,13 @@ class Config:
     min_lr: float = _f(1e-6, "final learning rate of decaying schedules", SCHED)
     warmup_epochs: float = _f(3, "linear warmup length in epochs", SCHED)
     warmup_factor: float = _f(0.0, "warmup starts at lr * warmup_factor", SCHED)
-    decay_epochs: Optional[float] = _f(None, "decay length in epochs (default: epoch_size - warmup_epochs)", SCHED)
+    decay_epochs: float | None = _f(None, "decay length in epochs (default: epoch_size - warmup_epochs)", SCHED)
     decay_rate: float = _f(0.9, "factor of step/multi_step/exponential decay", SCHED)
     multi_step_decay_milestones: list[int] = _f([30, 60, 90], "epochs at which multi_step_decay decays", SCHED)
     lr_epoch_stair: bool = _f(False, "keep lr constant within an epoch", SCHED)
     num_cycles: int = _f(1, "cosine cycles", SCHED)
     cycle_decay: float = _f(1.0, "peak lr factor per cosine cycle", SCHED)
-    power: Optional[float] = _f(None, "power of polynomial_decay (default: decay_rate, as MindCV)", SCHED)
+    power: float | None = _f(None, "power of polynomial_decay (default: decay_rate, as MindCV)", SCHED)
     # -- loss -------------------------------------------------------------------------------------
     loss: str = _f("CE", "CE (softmax cross entropy) or BCE", LOSS, choices=("CE", "BCE"))
     label_smoothing: float = _f(0.0, "label smoothing", LOSS)
@@ -318,49 +324,106 @@ def _parse_cli_value(text: str, key: str = "") -> Any:
         value = yaml.safe_load(text)
     except yaml.YAMLError:
         return text
-    if value is not None and not isinstance(value, str) and _HINTS.get(key) in (str, Optional[str]):
+    if value is not None and not isinstance(value, str) and _HINTS.get(key) in (str, str | None):
         return text
     return value
 
 
-def parse_cli(argv: Sequence[str]) -> tuple[Optional[str], list[tuple[str, Any]]]:
-    """`-c FILE --key value --key=value --flag k1 k2` -> (config file, [(key, value)]).
+class _ConfigValue(argparse.Action):
+    """One config key on the command line -> `(key, value)` in `namespace.config_pairs`, in order: a bare
+    flag is true (`--no_KEY` false), several values a list, each value read as YAML (`_parse_cli_value`)."""
 
-    A flag with no value is true; several values make a list (`--scale 0.08 1.0`); `--no-flag` is false.
-    """
-    config_path, pairs, i = None, [], 0
-    argv = list(argv)
-    while i < len(argv):
-        arg = argv[i]
-        if arg in ("-c", "--config"):
-            if i + 1 >= len(argv):
-                raise ConfigError(f"{arg} needs a YAML file path")
-            config_path, i = argv[i + 1], i + 2
-            continue
-        if arg.startswith("--config="):
-            config_path, i = arg.split("=", 1)[1], i + 1
-            continue
-        if not arg.startswith("--") or len(arg) == 2:
-            raise ConfigError(f"unexpected argument {arg!r}: options look like --key value")
-        key, _, inline = arg[2:].partition("=")
-        key = key.replace("-", "_")
-        i += 1
-        if inline or arg.endswith("="):
-            pairs.append((key, _parse_cli_value(inline, key)))
-            continue
-        values = []
-        while i < len(argv) and not (argv[i].startswith("--") and len(argv[i]) > 2 and not _is_number(argv[i])) \
-                and argv[i] not in ("-c",):
-            values.append(_parse_cli_value(argv[i], key))
-            i += 1
-        if not values:
-            if key.startswith("no_") and key[3:] in FIELDS:
-                pairs.append((key[3:], False))
-            else:
-                pairs.append((key, True))
+    plain_metavar = True  # `--lr FLOAT`, not argparse's `--lr [FLOAT ...]`
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        if self.const is False:
+            value: Any = False
+        elif not values:
+            value = True
         else:
-            pairs.append((key, values[0] if len(values) == 1 else values))
-    return config_path, pairs
+            parsed = [_parse_cli_value(v, self.dest) for v in values]
+            value = parsed[0] if len(parsed) == 1 else parsed
+        namespace.config_pairs = [*(getattr(namespace, "config_pairs", None) or []), (self.dest, value)]
+
+
+def _metavar(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        return "|".join(dict.fromkeys(_metavar(a) for a in typing.get_args(tp) if a is not type(None)))
+    if origin in (tuple, list):
+        return f"{_metavar(typing.get_args(tp)[0])} ..."
+    return {int: "INT", float: "FLOAT", bool: "BOOL", str: "STR"}.get(tp, "VALUE")
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """Every config key as an option of `parser`, one group per schema group: the one command line of the
+    verbs that take a run config (train, validate, demo). MindCV keys we ignore or renamed are accepted too."""
+    parser.add_argument("-c", "--config", default=None, metavar="CONFIG.yaml",
+                        help="YAML recipe (ours in configs/, or MindCV's own) under the command-line keys")
+    parser.set_defaults(config_pairs=None)
+    groups: dict[str, Any] = {}
+    for f in FIELDS.values():
+        group = groups.get(f.metadata["group"]) or groups.setdefault(
+            f.metadata["group"], parser.add_argument_group(f.metadata["group"]))
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        choices = f.metadata.get("choices")
+        extra = f" [{'|'.join(map(str, choices))}]" if choices else ""
+        text = f"{f.metadata['help']}{extra} (default: {default!r})".replace("%", "%%")
+        group.add_argument(f"--{f.name}", action=_ConfigValue, nargs="*", default=argparse.SUPPRESS,
+                           metavar=_metavar(_HINTS[f.name]), help=text)
+        if _coerce(False, _HINTS[f.name])[0]:
+            parser.add_argument(f"--no_{f.name}", dest=f.name, action=_ConfigValue, nargs=0, const=False,
+                                default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    for key in (*IGNORED_KEYS, *RENAMED_KEYS):
+        if key not in FIELDS:
+            parser.add_argument(f"--{key}", action=_ConfigValue, nargs="*", default=argparse.SUPPRESS,
+                                help=argparse.SUPPRESS)
+
+
+class _ConfigParser(VerbParser):
+    """The schema's own parser: an argparse error is a one-line ConfigError, an unknown key names the closest."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        # `--lr -1e-3`, `--min_lr -inf`: negative numbers are values (argparse knows only -1 and -.5)
+        self._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)(e[-+]?\d+)?$|^-(inf|nan)$", re.I)
+
+    def error(self, message: str) -> typing.NoReturn:
+        raise ConfigError(" ".join(message.split()))
+
+    def parse_config(self, argv: Sequence[str]) -> tuple[str | None, list[tuple[str, Any]]]:
+        ns, extra = self.parse_known_args(list(argv))
+        if extra:
+            first = extra[0]
+            if first.startswith("--") and len(first) > 2:
+                key = first[2:].partition("=")[0]
+                raise ConfigError(f"unknown config key {key!r} (command line){_suggest(key)}")
+            raise ConfigError(f"unexpected argument {first!r}: options look like --key value")
+        return ns.config, list(ns.config_pairs or [])
+
+
+def config_parser(verb: str, doc: str | None) -> VerbParser:
+    """A verb's parser with every config key (`add_config_arguments`), for its --help."""
+    parser = VerbParser(verb, doc, usage="%(prog)s [-c CONFIG.yaml] [--key value ...]")
+    add_config_arguments(parser)
+    return parser
+
+
+_SCHEMA_PARSER: _ConfigParser | None = None
+
+
+def parse_cli(argv: Sequence[str]) -> tuple[str | None, list[tuple[str, Any]]]:
+    """`-c FILE --key value --key=value --flag --no-flag --key v1 v2` -> (config file, [(key, value)]).
+
+    A flag with no value is true; several values make a list (`--scale 0.08 1.0`); `--no-flag` is false;
+    `--a-b` and `--a_b` are the same key.
+    """
+    global _SCHEMA_PARSER
+    if _SCHEMA_PARSER is None:
+        _SCHEMA_PARSER = _ConfigParser("train", None, add_help=False)
+        add_config_arguments(_SCHEMA_PARSER)
+    return _SCHEMA_PARSER.parse_config(argv)
 
 
 def _is_number(text: str) -> bool:
@@ -403,8 +466,8 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 
 
 def load_config(
-    argv: Sequence[str] = (), *, defaults: Optional[dict[str, Any]] = None, yaml_path: Optional[str] = None,
-    notices: Optional[list[str]] = None, defaults_source: str = "built-in recipe",
+    argv: Sequence[str] = (), *, defaults: dict[str, Any] | None = None, yaml_path: str | None = None,
+    notices: list[str] | None = None, defaults_source: str = "built-in recipe",
 ) -> Config:
     """defaults <- YAML (`-c`) <- command line, then validated (not resolved: see `resolve`). Notices about
     ignored keys are appended to `notices` (printed to stderr when not given)."""
@@ -506,7 +569,7 @@ SMOKE_IMAGES, SMOKE_VAL_IMAGES, SMOKE_EPOCHS = 32, 32, 2
 NOT_FROM_CHECKPOINT = ("resume", "max_steps", "world_size", "global_batch")
 
 
-def _checkpoint_defaults(config_path: Optional[str], given: dict[str, Any]) -> Optional[tuple[dict[str, Any], str]]:
+def _checkpoint_defaults(config_path: str | None, given: dict[str, Any]) -> tuple[dict[str, Any], str] | None:
     """`--resume ...` with no `-c`: the resolved config stored in the checkpoint being resumed."""
     if config_path is not None or not given.get("resume"):
         return None
@@ -565,8 +628,8 @@ def global_batch_line(cfg: Config) -> str:
             f"process{'es' if n != 1 else ''} x {accum} accumulation step{'s' if accum != 1 else ''}")
 
 
-def resolve(argv: Sequence[str] = (), *, defaults: Optional[dict[str, Any]] = None, launch: Any = None,
-            notices: Optional[list[str]] = None) -> Config:
+def resolve(argv: Sequence[str] = (), *, defaults: dict[str, Any] | None = None, launch: Any = None,
+            notices: list[str] | None = None) -> Config:
     """The run's frozen config: defaults <- YAML <- command line, validated, then completed.
 
     Defaults are `defaults`, else the resumed checkpoint's config (`--resume` without `-c`), else the demo
@@ -636,19 +699,3 @@ def precision_args(cfg: Config) -> dict[str, Any]:
     """Keywords of `resolve_precision` (besides device)."""
     return dict(amp_level=cfg.amp_level, amp_dtype=cfg.amp_dtype, loss_scale_type=cfg.loss_scale_type,
                 loss_scale=cfg.loss_scale)
-
-
-def help_text() -> str:
-    """All keys by group, for `vitkit train --help`."""
-    lines, group = [], None
-    for f in fields(Config):
-        if f.name == "sources":
-            continue
-        if f.metadata["group"] != group:
-            group = f.metadata["group"]
-            lines.append(f"\n{group}:")
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        choices = f.metadata.get("choices")
-        extra = f" [{'|'.join(map(str, choices))}]" if choices else ""
-        lines.append(f"  --{f.name:<28} {f.metadata['help']}{extra} (default: {default!r})")
-    return "\n".join(lines)

@@ -9,13 +9,14 @@ hit) count some images twice. The loader is expected to shard without padding (`
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from contextlib import nullcontext
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from vitkit.engine.distributed import all_reduce_sum, gather_objects
+from vitkit.engine.launch import all_reduce_sum, gather_objects
 
 TOPK = (1, 5)
 

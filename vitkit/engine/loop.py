@@ -12,32 +12,40 @@ from __future__ import annotations
 
 import contextlib
 import math
-import random
 import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
 from vitkit.data.datasets import stratified_subset
+from vitkit.engine import launch, parallel
 from vitkit.engine.checkpoint import is_complete_pair, load_checkpoint, load_train_state, save_checkpoint
 from vitkit.engine.config import Config, optimizer_args, precision_args, schedule_args
-from vitkit.engine.data_args import (data_config_from_config, dataset_from_config, loader_from_config,
-                                    mixup_from_config)
-from vitkit.engine import distributed as D
+from vitkit.engine.data_args import data_config_from_config, dataset_from_config, loader_from_config, mixup_from_config
 from vitkit.engine.ema import ModelEMA
 from vitkit.engine.evaluate import evaluate
 from vitkit.engine.loss import classification_loss
 from vitkit.engine.monitor import Monitor, format_duration, run_info
 from vitkit.engine.optim import create_optimizer
 from vitkit.engine.precision import resolve_precision
-from vitkit.engine.saver import LAST, PREV, CheckpointSaver, rng_state, set_rng_state
+from vitkit.engine.runtime import (
+    pick_device,
+    restore_rank_rng,
+    rng_state,
+    seed_all,
+    seed_everything,
+    set_rng_state,
+    setup_tf32,
+)
+from vitkit.engine.saver import LAST, PREV, CheckpointSaver
 from vitkit.engine.schedule import build_schedule, set_lr
-from vitkit.errors import ConfigError, DataError, VitkitError, WeightsError
-from vitkit.models import create_model, get_spec
+from vitkit.errors import DataError, VitkitError, WeightsError
+from vitkit.models import get_spec
 from vitkit.models.vit import count_params
+from vitkit.weights import create_model
 
 MAX_ROLLBACKS = 3  # nan_policy rollback: give up after this many reloads
 ROLLBACK_LR_FACTOR = 0.5
@@ -50,27 +58,7 @@ class NonFiniteLoss(Exception):
         self.step, self.loss, self.grad_norm = step, loss, grad_norm
 
 
-def pick_device(name: str) -> torch.device:
-    """`auto`: the first CUDA device when there is one, else the CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"config key 'device': {name!r} asked for, but this machine has no CUDA GPU; "
-                          f"use --device auto or cpu")
-    return device
-
-
-def seed_everything(seed: int, deterministic: bool) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-    if deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.backends.cudnn.benchmark = False
-
-
-def resolve_resume_path(cfg: Config) -> Optional[Path]:
+def resolve_resume_path(cfg: Config) -> Path | None:
     """The checkpoint to continue from: `--resume PATH`, `--resume true` (last in ckpt_save_dir), or
     `--ckpt_path P --resume_opt`. None for a fresh run. `last` torn by a kill or a full disk between its
     two files falls back to `prev`, the save before it."""
@@ -92,14 +80,12 @@ def resolve_resume_path(cfg: Config) -> Optional[Path]:
 class Trainer:
     """Builds data, model, optimizer, schedule, precision and bookkeeping from `cfg`; `fit()` runs them."""
 
-    def __init__(self, cfg: Config, *, argv: Optional[Sequence[str]] = None, rank: int = 0, world_size: int = 1,
-                 device: Optional[torch.device] = None, monitor: Optional[Monitor] = None):
+    def __init__(self, cfg: Config, *, argv: Sequence[str] | None = None, rank: int = 0, world_size: int = 1,
+                 device: torch.device | None = None, monitor: Monitor | None = None):
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
         self.device = device or pick_device(cfg.device)  # several processes: cuda:local_rank or cpu
         seed_everything(cfg.seed, cfg.deterministic)
-        if self.device.type == "cuda" and not cfg.deterministic:
-            torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls: fp32 accuracy for training, ~8x speed
-            torch.backends.cudnn.allow_tf32 = True
+        setup_tf32(self.device, cfg.deterministic)
         self.run_dir = Path(cfg.ckpt_save_dir)
         self.monitor = monitor or Monitor(self.run_dir, enabled=rank == 0, log_interval=cfg.log_interval)
         self._build_data()
@@ -157,9 +143,9 @@ class Trainer:
         self.ema = ModelEMA(self.model, cfg.ema_decay) if cfg.ema else None
         # DDP (or FSDP, which shards self.model in place) over all processes; a single process is unwrapped.
         # Same seed for the init above on every rank; from here each rank draws its own dropout/drop path.
-        wrapped = D.wrap_model(self.model, cfg, self.device)
+        wrapped = parallel.wrap_model(self.model, fsdp=cfg.fsdp, ema=cfg.ema, device=self.device)
         if self.world_size > 1:
-            D.seed_for_augmentation(cfg, self.rank)
+            seed_all(cfg.seed + self.rank)  # ranks draw different augmentations and dropout masks
         self.optimizer = create_optimizer(self.model, **optimizer_args(cfg), device=self.device)
         self.schedule = build_schedule(**schedule_args(cfg), steps_per_epoch=self.steps_per_epoch)
         self.train_model: nn.Module = torch.compile(wrapped) if cfg.compile else wrapped
@@ -180,8 +166,8 @@ class Trainer:
         return min(self.total_steps, self.cfg.max_steps or self.total_steps)
 
     # -- checkpoints ------------------------------------------------------------------------------------
-    def train_state(self, optimizer_state: Optional[dict[str, Any]] = None,
-                    rng_ranks: Optional[list[dict[str, Any]]] = None) -> dict[str, Any]:
+    def train_state(self, optimizer_state: dict[str, Any] | None = None,
+                    rng_ranks: list[dict[str, Any]] | None = None) -> dict[str, Any]:
         """Everything besides the weights that resuming needs; plain values and tensors only. Distributed
         runs pass the gathered optimizer state and every rank's RNG state (`save`)."""
         return {
@@ -195,17 +181,17 @@ class Trainer:
             **({"rng_ranks": rng_ranks} if rng_ranks is not None else {}),
         }
 
-    def _write(self, path: Path, model: Optional[nn.Module] = None, train_state: Optional[dict] = None) -> None:
+    def _write(self, path: Path, model: nn.Module | None = None, train_state: dict | None = None) -> None:
         save_checkpoint(path, model or self.model, model_name=self.cfg.model, data_config=self.data_config,
                         class_names=self.class_names, config=self.cfg.to_dict(),
                         ema_model=self.ema.module if self.ema else None, epoch=self.epoch, step=self.step,
                         metrics=self.last_metrics, train_state=train_state or self.train_state())
 
-    def save(self, *, keep_epoch: bool, val_top1: Optional[float] = None) -> Optional[Path]:
+    def save(self, *, keep_epoch: bool, val_top1: float | None = None) -> Path | None:
         if self.world_size > 1:  # every rank gathers (collectives under FSDP); rank 0 alone writes full tensors
-            model = D.gathered_model(self.train_model)
-            state = self.train_state(D.optimizer_state_dict(self.train_model, self.optimizer),
-                                     D.gather_objects(rng_state()))
+            model = parallel.gathered_model(self.train_model)
+            state = self.train_state(parallel.optimizer_state_dict(self.train_model, self.optimizer),
+                                     launch.gather_objects(rng_state()))
             if self.rank != 0:
                 return None
             return self.saver.save(lambda path: self._write(path, model, state), epoch=self.epoch, step=self.step,
@@ -226,13 +212,13 @@ class Trainer:
             raise VitkitError(f"{path} was written with {state['steps_per_epoch']} steps per epoch, this run has "
                               f"{self.steps_per_epoch}: resuming exactly needs the same data, batch_size, "
                               f"gradient_accumulation_steps and number of processes")
-        D.load_model_state_dict(self.train_model, {k: v.to(self.precision.param_dtype) if v.is_floating_point()
+        parallel.load_model_state_dict(self.train_model, {k: v.to(self.precision.param_dtype) if v.is_floating_point()
                                                    else v for k, v in ckpt.state_dict.items()})
         if self.ema is not None:
             if ckpt.ema_state_dict is None:
                 raise VitkitError(f"{path} has no EMA weights but this run has ema: true")
             self.ema.load_state_dict(ckpt.ema_state_dict)
-        D.load_optimizer_state_dict(self.train_model, self.optimizer, state["optimizer"])
+        parallel.load_optimizer_state_dict(self.train_model, self.optimizer, state["optimizer"])
         if state["scaler"]:
             self.precision.scaler.load_state_dict(state["scaler"])
         self.step = int(state["step"])
@@ -241,7 +227,7 @@ class Trainer:
         self.epoch_meter = dict(state["epoch_meter"])
         self.last_metrics = dict(ckpt.metrics)
         if self.world_size > 1:  # each rank its own stream; any number of processes can resume
-            D.restore_rank_rng(state.get("rng_ranks") or [state["rng"]], self.rank, self.cfg.seed)
+            restore_rank_rng(state.get("rng_ranks") or [state["rng"]], self.rank, self.cfg.seed)
         else:
             set_rng_state(state["rng"])
         self.saver.forget_after(self.step)
@@ -277,8 +263,8 @@ class Trainer:
         if cfg.clip_grad:
             torch.nn.utils.clip_grads_with_norm_(params, cfg.clip_value, grad_norm)
         # The mean loss over ranks, so every rank logs it and takes the same non-finite decision.
-        loss_value, norm_value = torch.stack([D.mean_across_ranks(total / len(batches)),
-                                              D.full_tensor(grad_norm).float()]).tolist()
+        loss_value, norm_value = torch.stack([launch.mean_across_ranks(total / len(batches)),
+                                              launch.full_tensor(grad_norm).float()]).tolist()
         if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
             self.skipped += 1
             if not scaler.is_enabled() or self.skipped >= MAX_SKIPPED_STEPS:
@@ -297,7 +283,7 @@ class Trainer:
 
     def _no_sync(self, sync: bool) -> contextlib.AbstractContextManager:
         """Under DDP/FSDP, skip the gradient all-reduce on all but the last micro-batch of an accumulation."""
-        return D.grad_sync(self.train_model, sync)
+        return parallel.grad_sync(self.train_model, sync)
 
     # -- epochs -----------------------------------------------------------------------------------------
     def _batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -350,8 +336,9 @@ class Trainer:
         out: dict[str, Any] = {}
         models = [("", self.model)] + ([("_ema", self.ema.module)] if self.ema else [])
         loader: Any = self.val_loader
-        if D.is_fsdp(self.model):  # every FSDP forward is a collective: ranks must run as many
-            loader = D.even_batches(loader, (self.model.cfg.in_chans, self.cfg.image_resize, self.cfg.image_resize))
+        if parallel.is_fsdp(self.model):  # every FSDP forward is a collective: ranks must run as many
+            size = self.cfg.image_resize
+            loader = parallel.even_batches(loader, (self.model.cfg.in_chans, size, size))
         for suffix, model in models:
             with torch.random.fork_rng(devices=[]):
                 r = evaluate(model, loader, device=self.device, amp_dtype=self.precision.eval_dtype,
@@ -382,7 +369,7 @@ class Trainer:
             saved = self.save(keep_epoch=True, val_top1=record["val_top1"])
         self.monitor.print(self._summary(record, throughput, saved))
 
-    def _summary(self, r: dict[str, Any], throughput: dict[str, float], saved: Optional[Path]) -> str:
+    def _summary(self, r: dict[str, Any], throughput: dict[str, float], saved: Path | None) -> str:
         parts = [f"epoch {r['epoch']}/{self.cfg.epoch_size}", f"train loss {r['train_loss']:.4f}",
                  f"lr {r['lr']:.3g}"]
         if r.get("val_top1") is not None:

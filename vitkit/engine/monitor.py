@@ -11,17 +11,20 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
+import torchvision
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+import vitkit
 
 METRICS = "metrics.jsonl"
 CURVES = "curves.png"
 
 
-def _git_revision() -> Optional[str]:
+def _git_revision() -> str | None:
     root = Path(__file__).resolve().parents[2]
     try:
         out = subprocess.run(["git", "-C", str(root), "describe", "--always", "--dirty", "--abbrev=12"],
@@ -31,12 +34,8 @@ def _git_revision() -> Optional[str]:
     return out.stdout.strip() or None
 
 
-def run_info(device: torch.device, argv: Optional[list[str]] = None) -> dict[str, Any]:
+def run_info(device: torch.device, argv: list[str] | None = None) -> dict[str, Any]:
     """Where and how a run ran: enough to reproduce it or explain a difference."""
-    import torchvision
-
-    import vitkit
-
     info: dict[str, Any] = {
         "command": " ".join(argv if argv is not None else sys.argv),
         "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
@@ -59,13 +58,13 @@ class Monitor:
     """Progress display and run records. Every method is a no-op when `enabled` is False (ranks > 0)."""
 
     def __init__(self, run_dir: str | Path, *, enabled: bool = True, log_interval: int = 100,
-                 console: Optional[Console] = None):
+                 console: Console | None = None):
         self.run_dir = Path(run_dir)
         self.enabled = enabled
         self.log_interval = max(1, log_interval)
         self.console = console or Console(stderr=False)
         self.interactive = self.console.is_terminal
-        self._progress: Optional[Progress] = None
+        self._progress: Progress | None = None
         self._task: Any = None
         self._tb: Any = None
         if enabled:
@@ -152,7 +151,7 @@ class Monitor:
             self._tb.close()
             self._tb = None
 
-    def plot_curves(self) -> Optional[Path]:
+    def plot_curves(self) -> Path | None:
         """curves.png from metrics.jsonl: train loss, and validation top-1 when there is one."""
         path = self.run_dir / METRICS
         if not self.enabled or not path.is_file():

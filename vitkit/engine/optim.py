@@ -16,7 +16,7 @@ import torch
 from timm.optim import Lamb, Lion
 from torch import nn
 
-from vitkit.engine.distributed import is_fsdp
+from vitkit.engine.parallel import is_fsdp
 
 
 def _layer_id(name: str, depth: int) -> int:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 
@@ -25,11 +24,11 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 @dataclass
 class Precision:
     device_type: str
-    autocast_dtype: Optional[torch.dtype]  # None: no autocast
+    autocast_dtype: torch.dtype | None  # None: no autocast
     param_dtype: torch.dtype
     scaler: torch.amp.GradScaler  # disabled (a pass-through) unless fp16
     notice: str = ""
-    fixed_scale: Optional[float] = None  # loss_scale_type fixed: the scale to restore after every update
+    fixed_scale: float | None = None  # loss_scale_type fixed: the scale to restore after every update
 
     def update_scaler(self) -> None:
         """After an optimizer step: dynamic scaling adapts, a fixed scale is put back (an overflowed step is
@@ -41,7 +40,7 @@ class Precision:
                               enabled=self.autocast_dtype is not None)
 
     @property
-    def eval_dtype(self) -> Optional[torch.dtype]:
+    def eval_dtype(self) -> torch.dtype | None:
         """The autocast dtype for evaluation (None for fp32 or bf16 weights, which need no autocast)."""
         return self.autocast_dtype
 

@@ -1,4 +1,4 @@
-"""Which checkpoints a run keeps, and the RNG part of the training state.
+"""Which checkpoints a run keeps.
 
 Files in the run directory (`ckpt_save_dir`):
   last.safetensors (+ last.state.pt)      the newest state, written at every save; `--resume true` reads it
@@ -16,15 +16,13 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
-import numpy as np
-import torch
-
-from vitkit.engine.checkpoint import atomic_write, is_complete_pair, state_path
+from vitkit.engine.checkpoint import is_complete_pair, state_path
+from vitkit.io import atomic_write
 
 LAST = "last.safetensors"
 PREV = "prev.safetensors"
@@ -64,7 +62,7 @@ class CheckpointSaver:
         self.model_name, self.policy, self.keep_max = model_name, policy, keep_max
         index = self._read_index()
         self.entries: list[dict[str, Any]] = index.get("checkpoints", [])
-        self.best_top1: Optional[float] = index.get("best_top1")
+        self.best_top1: float | None = index.get("best_top1")
 
     def _read_index(self) -> dict[str, Any]:
         path = self.run_dir / INDEX
@@ -88,7 +86,7 @@ class CheckpointSaver:
         """Resuming from `step`: entries of a later (abandoned) continuation no longer describe this run."""
         self.entries = [e for e in self.entries if e["step"] <= step]
 
-    def save(self, write: Callable[[Path], None], *, epoch: int, step: int, val_top1: Optional[float],
+    def save(self, write: Callable[[Path], None], *, epoch: int, step: int, val_top1: float | None,
              keep_epoch: bool) -> Path:
         """`write(path)` writes a checkpoint pair atomically (a new file replacing the name, as `atomic_write`
         does; never in place, which would change the linked epoch and best files too). This calls it for
@@ -122,27 +120,3 @@ class CheckpointSaver:
         for e in drop:
             _remove_pair(self.run_dir / e["file"])
         self.entries = sorted(keep, key=lambda e: e["step"])
-
-
-# -- RNG state as plain values and tensors (loadable with torch.load(weights_only=True)) -----------------------
-
-def rng_state() -> dict[str, Any]:
-    version, mt, gauss = random.getstate()
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "python": {"version": version, "state": torch.tensor(mt, dtype=torch.int64), "gauss": gauss},
-        "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                  "has_gauss": int(has_gauss), "cached": float(cached)},
-    }
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    if state.get("cuda") and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    py = state["python"]
-    random.setstate((py["version"], tuple(int(v) for v in py["state"].tolist()), py["gauss"]))
-    n = state["numpy"]
-    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))

@@ -8,15 +8,14 @@ takes the run's config from the checkpoint itself.
 from __future__ import annotations
 
 import sys
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
-from vitkit.engine.config import global_batch_line, help_text, resolve
-from vitkit.engine.distributed import detect_launcher, distributed_session, print0
+from vitkit.engine.config import config_parser, global_batch_line, resolve
+from vitkit.engine.launch import detect_launcher, distributed_session, print0
 from vitkit.engine.loop import Trainer
 
-USAGE = """usage: vitkit train [-c CONFIG.yaml] [--key value ...]
-
-Train or finetune from a recipe (configs/vit/*.yaml); any key can be overridden on the command line
+DESCRIPTION = """Train or finetune from a recipe (configs/vit/*.yaml); any key can be overridden on the command line
 (--lr 0.001, --lr=0.001, bare --pretrained for true, --no-ema for false). With neither a config nor
 --data_dir/--dataset, the built-in demo recipe trains a small ViT on the bundled CIFAR-10 sample. --resume
 (true or a checkpoint path) continues a run exactly where it stopped; --smoke shrinks any recipe to a few
@@ -28,7 +27,7 @@ def run(argv: Sequence[str]) -> dict[str, Any]:
     notices: list[str] = []
     cfg = resolve(argv, launch=detect_launcher(), notices=notices)
     # torchrun / mpirun: one process per device, torn down on exit and on errors
-    with distributed_session(cfg) as dist:
+    with distributed_session(distribute=cfg.distribute, device=cfg.device) as dist:
         for note in notices:
             print0(note, file=sys.stderr)
         print0(global_batch_line(cfg))
@@ -36,11 +35,10 @@ def run(argv: Sequence[str]) -> dict[str, Any]:
                        device=dist.device).fit()
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if any(a in ("-h", "--help") for a in argv):
-        print(USAGE)
-        print(help_text())
+        config_parser("train", DESCRIPTION).print_help()
         return 0
     run(argv)
     return 0

@@ -9,7 +9,7 @@ import fnmatch
 from dataclasses import dataclass, field
 from typing import Any
 
-from vitkit.models.vit import ViTConfig, VisionTransformer, count_params
+from vitkit.models.vit import ViTConfig, VisionTransformer
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -119,46 +119,14 @@ def build_config(
     return arch.replace(**overrides)
 
 
-def create_model(
-    name: str,
-    *,
-    pretrained: bool | str = False,
-    num_classes: int | None = None,
-    img_size: int | None = None,
-    **overrides: Any,
-) -> VisionTransformer:
-    """Build a registered model; `pretrained` is True (the name's default source), a path, URL or hub id.
-
-    With pretrained weights, a different `num_classes` gets a fresh head and a different `img_size` a
-    resampled position embedding; anything else that does not fit is an error naming the key.
-    """
-    weights = None
-    if pretrained:
-        from vitkit.weights import load_weights
-
-        weights = load_weights(pretrained, model_name=name)
-        arch = dict(weights.arch)  # the source's numerics and head size; the caller's own arguments win
-        source_classes = arch.pop("num_classes", None)
-        num_classes = source_classes if num_classes is None else num_classes
-        overrides = {**arch, **overrides}
-    try:
-        cfg = build_config(name, num_classes=num_classes, img_size=img_size, **overrides)
-    except ValueError as e:  # the source's architecture cannot be applied to this model's shape
-        if weights is None:
-            raise
-        from vitkit.errors import WeightsError
-
-        own = get_spec(name).arch.to_dict()
-        differs = ", ".join(f"{k} {v!r} (not {own[k]!r})" for k, v in weights.arch.items()
-                            if k in own and k != "num_classes" and own[k] != v)
-        raise WeightsError(f"{pretrained} holds another architecture than {name} ({differs or e}); use weights "
-                           f"of a {name} model, or --model of the weights' own architecture") from None
-    model = VisionTransformer(cfg)
+def create_model(name: str, *, num_classes: int | None = None, img_size: int | None = None,
+                 **overrides: Any) -> VisionTransformer:
+    """Build a registered model with fresh weights (pretrained ones: `vitkit.create_model`)."""
+    if "pretrained" in overrides:
+        raise TypeError("vitkit.models.create_model builds fresh weights; for pretrained ones call "
+                        "vitkit.create_model(name, pretrained=...)")
+    model = VisionTransformer(build_config(name, num_classes=num_classes, img_size=img_size, **overrides))
     model.model_name = name
-    if weights is not None:
-        from vitkit.weights import fit_weights
-
-        fit_weights(model, weights)
     return model
 
 
@@ -171,26 +139,3 @@ def count_macs(cfg: ViTConfig, img_size: int | None = None) -> int:
     embed = n_patch * d * cfg.in_chans * cfg.patch_size**2
     per_block = n * d * 3 * d + 2 * n * n * d + n * d * d + 2 * n * d * hidden
     return embed + cfg.depth * per_block + d * max(cfg.num_classes, 0)
-
-
-def model_info(name: str) -> dict[str, Any]:
-    """One row of `vitkit models`: what a user needs to know about a name."""
-    from vitkit.weights.sources import sources_for
-
-    spec = get_spec(name)
-    return {
-        "name": name,
-        "input_size": spec.input_size,
-        "patch_size": spec.arch.patch_size,
-        "embed_dim": spec.arch.embed_dim,
-        "depth": spec.arch.depth,
-        "num_heads": spec.arch.num_heads,
-        "num_classes": spec.arch.num_classes,
-        "params": count_params(spec.arch),
-        "gmacs": count_macs(spec.arch) / 1e9,
-        "mean": spec.mean,
-        "std": spec.std,
-        "interpolation": spec.interpolation,
-        "crop_pct": spec.crop_pct,
-        "pretrained": [s.tag for s in sources_for(name)],
-    }

@@ -13,14 +13,15 @@ import platform
 import resource
 import statistics
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from vitkit.args import VerbParser
 from vitkit.engine.optim import create_optimizer
+from vitkit.engine.runtime import pick_device, setup_tf32
 from vitkit.models import create_model, get_spec
 from vitkit.models.registry import count_macs
 from vitkit.models.vit import ViTConfig
@@ -130,11 +131,8 @@ def run(
     compare: str | None = None, steps: int = 5, warmup: int = 2, repeats: int = 3, device: str = "auto",
     img_size: int | None = None, same_optimizer: bool = False,
 ) -> list[Result]:
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                       ("cpu" if device == "auto" else device))
-    if dev.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls: the fp32 fast path on Ampere and later
-        torch.backends.cudnn.allow_tf32 = True
+    dev = pick_device(device)
+    setup_tf32(dev)  # the fp32 fast path on Ampere and later, as training uses
     torch.manual_seed(0)
     ours = create_model(model_name, img_size=img_size).to(dev)
     impls = {"vitkit": ours}

@@ -8,18 +8,18 @@ overridden (`vitkit demo --epoch_size 2`).
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
-from vitkit.engine.config import DEMO_RECIPE, parse_cli
+from vitkit.engine.config import DEMO_RECIPE, config_parser, parse_cli
 from vitkit.engine.train import run
 from vitkit.tools.validate import run_validate
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if any(a in ("-h", "--help") for a in argv):
-        print(__doc__)
+        config_parser("demo", __doc__).print_help()
         return 0
     config_path, pairs = parse_cli(argv)
     if config_path is not None:

@@ -19,16 +19,17 @@ import platform
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from vitkit.args import VerbParser
 import vitkit
+from vitkit.args import VerbParser
 from vitkit.data.preprocess import DataConfig
 from vitkit.errors import VitkitError
 from vitkit.models.vit import VisionTransformer
@@ -263,7 +264,8 @@ def main(argv: list[str]) -> int:
         try:
             import onnxruntime  # noqa: F401  (needed for the check, fail before the slow export)
         except ImportError:
-            raise VitkitError("ONNX export needs onnx, onnxscript and onnxruntime: pip install 'vitkit[deploy]'")
+            raise VitkitError("ONNX export needs onnx, onnxscript and onnxruntime: pip install 'vitkit[deploy]'") \
+                from None
     meta = run_export(im, args.format, out, dynamic_size=args.dynamic_size, with_preprocess=args.with_preprocess,
                       check_folder=args.check_images, check_count=args.check_count, tolerance=args.tolerance)
     check = meta["check"]

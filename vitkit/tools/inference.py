@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import io
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -21,8 +22,12 @@ from PIL import Image, UnidentifiedImageError
 
 from vitkit.data.datasets import list_images
 from vitkit.data.preprocess import DataConfig
+from vitkit.data.transforms import build_transform
+from vitkit.engine.checkpoint import is_vitkit_checkpoint, load_checkpoint
 from vitkit.errors import VitkitError, WeightsError
+from vitkit.models.registry import get_spec, list_models
 from vitkit.models.vit import VisionTransformer
+from vitkit.weights import create_model, load_weights
 
 # 40 megapixels: above any photo a ViT is fed (a 50 MP camera frame must be downscaled first), far below
 # what would exhaust memory (40e6 * 3 bytes = 120 MB decoded). PIL's own guard is 89 MP, raising only at 2x.
@@ -115,8 +120,6 @@ class InferenceModel:
     def transform(self, normalize: bool = True) -> Callable[[Image.Image], torch.Tensor]:
         """PIL image -> normalized float (C, H, W) tensor exactly as validate preprocesses, or with
         `normalize=False` the uint8 (C, H, W) crop before normalization."""
-        from vitkit.data.transforms import build_transform
-
         return build_transform(self.data_config, train=False, normalize=normalize)
 
     def metadata(self) -> dict[str, Any]:
@@ -139,9 +142,6 @@ def load_inference_model(source: str, *, model_name: str | None = None, use_ema:
                          device: str | torch.device = "cpu") -> InferenceModel:
     """A vitkit checkpoint, a registered model name (its default pretrained weights), or foreign weights
     (any format vitkit reads) with `model_name` saying which architecture they are for."""
-    from vitkit.engine.checkpoint import is_vitkit_checkpoint, load_checkpoint
-    from vitkit.models.registry import create_model, get_spec, list_models
-
     if Path(source).is_file() and is_vitkit_checkpoint(source):
         ckpt = load_checkpoint(source)
         if model_name and model_name != ckpt.model_name:
@@ -155,8 +155,6 @@ def load_inference_model(source: str, *, model_name: str | None = None, use_ema:
     if name is None:
         raise WeightsError(f"{source} is neither a vitkit checkpoint nor a registered model name; for other "
                            f"weights files pass --model NAME (see `vitkit models`)")
-    from vitkit.weights import load_weights
-
     loaded = load_weights(weights, model_name=name)
     model = create_model(name, pretrained=loaded).eval()
     dc = loaded.data_config(get_spec(name), model.cfg.img_size)

@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import json
-from typing import Sequence
+from collections.abc import Sequence
 
 from vitkit.args import VerbParser
-from vitkit.models import list_models, model_info
+from vitkit.models import list_models
+from vitkit.weights import model_info
 
 
 def main(argv: Sequence[str]) -> int:

@@ -16,8 +16,15 @@ import torch
 
 from vitkit.args import VerbParser
 from vitkit.errors import VitkitError
-from vitkit.tools.inference import (DEFAULT_MAX_PIXELS, ImageError, InferenceModel, find_images, image_to_tensor,
-                                    load_inference_model, topk_answer)
+from vitkit.tools.inference import (
+    DEFAULT_MAX_PIXELS,
+    ImageError,
+    InferenceModel,
+    find_images,
+    image_to_tensor,
+    load_inference_model,
+    topk_answer,
+)
 
 
 def build_parser() -> VerbParser:

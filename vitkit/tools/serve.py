@@ -22,10 +22,11 @@ import asyncio
 import contextlib
 import json
 import time
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -37,9 +38,17 @@ from starlette.routing import Route
 
 from vitkit.args import VerbParser
 from vitkit.data.preprocess import DataConfig
+from vitkit.data.transforms import build_transform
 from vitkit.errors import VitkitError
-from vitkit.tools.inference import (DEFAULT_MAX_PIXELS, ImageError, InferenceModel, image_to_tensor,
-                                    load_inference_model, topk_answer)
+from vitkit.tools.export import metadata_path
+from vitkit.tools.inference import (
+    DEFAULT_MAX_PIXELS,
+    ImageError,
+    InferenceModel,
+    image_to_tensor,
+    load_inference_model,
+    topk_answer,
+)
 
 IMAGE_ERROR_STATUS = {"empty": 400, "corrupt": 400, "unsupported": 415, "too_large": 413}
 
@@ -75,9 +84,6 @@ class OnnxBackend:
 
     def __init__(self, path: Path, threads: int = 0):
         import onnxruntime as ort
-
-        from vitkit.data.transforms import build_transform
-        from vitkit.tools.export import metadata_path
 
         meta_file = metadata_path(path)
         if not meta_file.is_file():

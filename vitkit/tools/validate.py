@@ -26,11 +26,15 @@ import torch
 
 from vitkit.args import VerbParser
 from vitkit.data.preprocess import DataConfig, resolve_data_config, to_unit_range
-from vitkit.engine.data_args import dataset_from_config, loader_from_config
 from vitkit.engine.checkpoint import Checkpoint, atomic_write, is_vitkit_checkpoint, load_checkpoint
-from vitkit.engine.config import Config, load_config, load_yaml, parse_cli, precision_args, resolve
+from vitkit.engine.config import Config, config_parser, load_config, load_yaml, parse_cli, precision_args, resolve
+from vitkit.engine.data_args import dataset_from_config, loader_from_config
 from vitkit.engine.evaluate import confusion_matrix, evaluate, per_class_accuracy
+from vitkit.engine.launch import detect_launcher, distributed_session, gather_objects, is_main
+from vitkit.engine.precision import resolve_precision
 from vitkit.errors import ConfigError, DataError, WeightsError
+from vitkit.models.registry import build_config, get_spec
+from vitkit.weights import create_model, load_weights
 
 # Dataset settings a checkpoint's saved run config lends to validate (never its weights keys: its ckpt_path
 # and pretrained are where *training* started from).
@@ -39,11 +43,9 @@ FROM_CHECKPOINT = ("dataset", "data_dir", "val_split", "batch_size", "amp_level"
 PREPROCESS_KEYS = ("image_resize", "crop_pct", "interpolation", "mean", "std")
 
 
-def build_parser() -> VerbParser:
-    p = VerbParser(
-        "validate", __doc__,  # no abbreviations: unknown --options are config keys, never completed to ours
-        epilog="Every config key is accepted too (-c FILE, --data_dir, --dataset, --val_split, --batch_size, "
-               "--model, --ckpt_path, --pretrained, --amp_level, --device, --crop_pct, ...): vitkit train --help")
+def build_parser(with_config: bool = False) -> VerbParser:
+    """validate's own options; `with_config` adds every config key too (its --help)."""
+    p = config_parser("validate", __doc__) if with_config else VerbParser("validate", __doc__)
     p.add_argument("--use_ema", action="store_true", help="evaluate the checkpoint's EMA weights")
     p.add_argument("--results_file", default=None, help="write the results as JSON to this file")
     p.add_argument("--per_class", action="store_true", help="print (and save) top-1 of every class")
@@ -92,8 +94,6 @@ def model_from_checkpoint(cfg: Config, ckpt: Checkpoint, use_ema: bool, given: s
     """The checkpoint's model; a config (`named`: keys of the command line and recipe) that names another
     model or class count is an error naming both. Preprocessing keys in `given` (set on the command line)
     override the checkpoint's."""
-    from vitkit.models.registry import build_config
-
     if "model" in named and cfg.model != ckpt.model_name:
         try:
             wanted = _arch_summary(build_config(cfg.model, num_classes=cfg.num_classes))
@@ -117,9 +117,6 @@ def model_from_weights(cfg: Config, weights: bool | str, allow_random: bool, dat
     The head is never reset here: the model takes the weights' own class count, and `check_fit` compares it
     with the dataset, so a foreign checkpoint for another task is an error instead of a random head.
     """
-    from vitkit.models.registry import create_model, get_spec
-    from vitkit.weights import load_weights
-
     try:
         spec = get_spec(cfg.model)
     except KeyError as e:
@@ -162,8 +159,6 @@ def _dataset_indices(loader: Any, world_size: int) -> list[int] | None:
     plan = getattr(loader, "plan", None)
     if plan is None:
         return None
-    from vitkit.engine.distributed import gather_objects
-
     return [i for part in gather_objects(plan.epoch(0)[0].tolist()) for i in part]
 
 
@@ -239,9 +234,6 @@ def _plot_confusion(cm: torch.Tensor, names: list[str], path: Path) -> Path | No
 
 def run_validate(argv: list[str]) -> dict[str, Any]:
     """Parse, build, evaluate, report; returns the results dict (without per-sample tensors)."""
-    from vitkit.engine.distributed import detect_launcher, distributed_session, is_main
-    from vitkit.engine.precision import resolve_precision
-
     opts, rest = build_parser().parse_known_args(argv)
     cfg = load_config(rest, notices=[])  # where the weights are; `resolve` below says the notices
     ckpt = None
@@ -255,7 +247,7 @@ def run_validate(argv: list[str]) -> dict[str, Any]:
     if opts.use_ema and ckpt is None:
         raise WeightsError("--use_ema needs a vitkit checkpoint in --ckpt_path (other weights carry no EMA copy)")
     cfg = resolve(rest, defaults=_checkpoint_defaults(ckpt) if ckpt is not None else {}, launch=detect_launcher())
-    with distributed_session(cfg) as info:
+    with distributed_session(distribute=cfg.distribute, device=cfg.device) as info:
         ds = dataset_from_config(cfg, cfg.val_split, train=False)
         if ckpt is not None:
             model, dc, class_names = model_from_checkpoint(cfg, ckpt, opts.use_ema, given_keys(rest, with_yaml=False),
@@ -304,7 +296,7 @@ def run_validate(argv: list[str]) -> dict[str, Any]:
 
 def main(argv: list[str]) -> int:
     if any(a in ("-h", "--help") for a in argv):
-        build_parser().print_help()
+        build_parser(with_config=True).print_help()
         return 0
     run_validate(argv)
     return 0

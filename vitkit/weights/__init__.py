@@ -24,7 +24,8 @@ import torch
 
 from vitkit.data.preprocess import DataConfig, resolve_data_config
 from vitkit.errors import WeightsError
-from vitkit.models.vit import VisionTransformer, resample_pos_embed
+from vitkit.models import registry
+from vitkit.models.vit import VisionTransformer, count_params, resample_pos_embed
 from vitkit.weights.download import download_url, hub_download
 from vitkit.weights.formats import Converted, read_file, read_folder
 from vitkit.weights.sources import WeightSource, find_source, sources_for
@@ -164,7 +165,8 @@ def fit_weights(model: VisionTransformer, weights: PretrainedWeights, *, allow_m
         sd = {k: v for k, v in sd.items() if not k.startswith("head.")}
         if has_head:
             model.reset_classifier(model.num_classes)
-            report.head_reset = f"head reset: weights have {src_classes} classes, model {model.num_classes} (fresh init)"
+            report.head_reset = (f"head reset: weights have {src_classes} classes, model {model.num_classes} "
+                                 f"(fresh init)")
         elif src_classes:
             report.head_reset = f"head dropped: weights have {src_classes} classes, model has no head"
 
@@ -228,3 +230,50 @@ def load_pretrained(model: VisionTransformer, name: str | None, pretrained: bool
 
 __all__ = ["PretrainedWeights", "FitReport", "load_weights", "fit_weights", "load_pretrained", "sources_for",
            "WeightSource"]
+
+
+def create_model(name: str, *, pretrained: bool | str = False, num_classes: int | None = None,
+                 img_size: int | None = None, **overrides: Any) -> VisionTransformer:
+    """Build a registered model; `pretrained` is True (the name's default source), a path, URL or hub id.
+
+    With pretrained weights, a different `num_classes` gets a fresh head and a different `img_size` a
+    resampled position embedding; anything else that does not fit is an error naming the key.
+    """
+    if not pretrained:
+        return registry.create_model(name, num_classes=num_classes, img_size=img_size, **overrides)
+    weights = load_weights(pretrained, model_name=name)
+    arch = dict(weights.arch)  # the source's numerics and head size; the caller's own arguments win
+    source_classes = arch.pop("num_classes", None)
+    num_classes = source_classes if num_classes is None else num_classes
+    overrides = {**arch, **overrides}
+    try:
+        model = registry.create_model(name, num_classes=num_classes, img_size=img_size, **overrides)
+    except ValueError as e:  # the source's architecture cannot be applied to this model's shape
+        own = registry.get_spec(name).arch.to_dict()
+        differs = ", ".join(f"{k} {v!r} (not {own[k]!r})" for k, v in weights.arch.items()
+                            if k in own and k != "num_classes" and own[k] != v)
+        raise WeightsError(f"{pretrained} holds another architecture than {name} ({differs or e}); use weights "
+                           f"of a {name} model, or --model of the weights' own architecture") from None
+    fit_weights(model, weights)
+    return model
+
+
+def model_info(name: str) -> dict[str, Any]:
+    """One row of `vitkit models`: what a user needs to know about a name."""
+    spec = registry.get_spec(name)
+    return {
+        "name": name,
+        "input_size": spec.input_size,
+        "patch_size": spec.arch.patch_size,
+        "embed_dim": spec.arch.embed_dim,
+        "depth": spec.arch.depth,
+        "num_heads": spec.arch.num_heads,
+        "num_classes": spec.arch.num_classes,
+        "params": count_params(spec.arch),
+        "gmacs": registry.count_macs(spec.arch) / 1e9,
+        "mean": spec.mean,
+        "std": spec.std,
+        "interpolation": spec.interpolation,
+        "crop_pct": spec.crop_pct,
+        "pretrained": [s.tag for s in sources_for(name)],
+    }

@@ -83,8 +83,12 @@ def hub_download(repo_id: str, filename: str, *, revision: str | None = None, re
     that cannot be fetched (offline, no connection) is always an error.
     """
     from huggingface_hub import constants, hf_hub_download
-    from huggingface_hub.errors import (EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError,
-                                        RepositoryNotFoundError)
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+    )
 
     offline = is_offline()
     try:

@@ -20,14 +20,19 @@ from __future__ import annotations
 import json
 import re
 import zipfile
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 import torch
 
 from vitkit.errors import WeightsError
+from vitkit.weights.mindspore_ckpt import read_mindspore_ckpt
+
+# The prefix of the EMA copy's tensors in a vitkit checkpoint (written by engine/checkpoint.py).
+EMA_PREFIX = "ema."
 
 # ViTConfig fields a source may decide (numerics and structure flags). Sizes (embed_dim, depth, patch_size)
 # are never taken from a source: the model name decides them and a mismatch is an error naming the key.
@@ -254,7 +259,8 @@ def from_jax(w: Mapping[str, np.ndarray]) -> Converted:
     if scan:
         depth = w[f"{prefix}Transformer/encoderblock/LayerNorm_0/scale"].shape[0]
     else:
-        depth = len({m.group(1) for k in w if (m := re.match(rf"{re.escape(prefix)}Transformer/encoderblock_(\d+)/", k))})
+        block = re.compile(rf"{re.escape(prefix)}Transformer/encoderblock_(\d+)/")
+        depth = len({m.group(1) for k in w if (m := block.match(k))})
     num_heads = None
     for i in range(depth):
         base = "Transformer/encoderblock/" if scan else f"Transformer/encoderblock_{i}/"
@@ -391,8 +397,6 @@ def _safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
 
 
 def _from_vitkit(sd: dict[str, torch.Tensor], meta: dict[str, str]) -> Converted:
-    from vitkit.engine.checkpoint import EMA_PREFIX
-
     arch_all = json.loads(meta["arch"])
     weights = {k: v for k, v in sd.items() if not k.startswith(EMA_PREFIX)}
     data = json.loads(meta.get("data_config") or "{}")
@@ -428,8 +432,6 @@ def read_file(path: str | Path) -> Converted:
         with np.load(path, allow_pickle=False) as npz:
             return from_jax({k: npz[k] for k in npz.files})
     if kind == "mindspore":
-        from vitkit.weights.mindspore_ckpt import read_mindspore_ckpt
-
         return from_mindcv(read_mindspore_ckpt(path))
     if kind == "safetensors":
         sd, meta = _safetensors(path)

@@ -13,10 +13,14 @@ from __future__ import annotations
 
 import ast
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from vitkit.args import VerbParser
+from vitkit.engine.checkpoint import save_checkpoint
 from vitkit.errors import WeightsError
+from vitkit.models.registry import get_spec, list_models
+from vitkit.weights import create_model, load_weights
 
 
 def _parse_override(text: str) -> tuple[str, Any]:
@@ -31,8 +35,6 @@ def _parse_override(text: str) -> tuple[str, Any]:
 
 def infer_model_name(state_dict: dict) -> str:
     """The registered name whose patch size, width, depth and input size match the weights."""
-    from vitkit.models.registry import get_spec, list_models
-
     try:
         embed_dim, _, patch, _ = state_dict["patch_embed.proj.weight"].shape
         tokens = state_dict["pos_embed"].shape[1] - (1 if "cls_token" in state_dict else 0)
@@ -58,10 +60,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
                         help="architecture field, e.g. num_heads=2 (repeatable)")
     args = parser.parse_args(list(argv) if argv is not None else None)
-
-    from vitkit.engine.checkpoint import save_checkpoint
-    from vitkit.models.registry import create_model, get_spec
-    from vitkit.weights import load_weights
 
     weights = load_weights(args.src, model_name=args.model)
     name = args.model or infer_model_name(weights.state_dict)

@@ -1,0 +1,81 @@
+"""This process's device, seeds, TF32 switch and RNG state: the one copy of each that training, evaluation and
+benchmarks use."""
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import numpy as np
+import torch
+
+from vitkit.errors import ConfigError
+
+
+def pick_device(name: str, local_rank: int = 0, world_size: int = 1) -> torch.device:
+    """`auto`/`cuda` -> this process's GPU (cuda:local_rank) when CUDA is present, else CPU (`auto`) or an
+    error (`cuda`); `cpu`; `cuda:N` as given for one process (with several, each process takes
+    cuda:local_rank: one GPU per process)."""
+    if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ConfigError(f"device: {name!r} but CUDA is not available; use --device cpu (or auto)")
+    if name.startswith("cuda:") and world_size == 1:
+        return torch.device(name)
+    return torch.device("cuda", local_rank % torch.cuda.device_count())
+
+
+def seed_all(seed: int) -> None:
+    """Seed Python, NumPy and torch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    """`seed_all`, and with `deterministic` torch's deterministic kernels (warning where there is none)."""
+    seed_all(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+
+
+def setup_tf32(device: torch.device, deterministic: bool = False) -> None:
+    """TF32 matmuls and convolutions on CUDA (fp32 accuracy for training, ~8x the speed on Ampere and later),
+    unless the run asked for deterministic results."""
+    if device.type == "cuda" and not deterministic:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
+# -- RNG state as plain values and tensors (loadable with torch.load(weights_only=True)) -----------------------
+
+def rng_state() -> dict[str, Any]:
+    version, mt, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "python": {"version": version, "state": torch.tensor(mt, dtype=torch.int64), "gauss": gauss},
+        "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached": float(cached)},
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    py = state["python"]
+    random.setstate((py["version"], tuple(int(v) for v in py["state"].tolist()), py["gauss"]))
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+
+
+def restore_rank_rng(states: list[dict[str, Any]], rank: int, seed: int) -> None:
+    """Continue this rank's random stream (dropout, drop path) from a checkpoint's per-rank RNG states
+    (`gather_objects(rng_state())` at save time). A rank that did not exist when the checkpoint was written
+    starts a fresh stream of its own (seed + rank) rather than copying another rank's."""
+    if rank < len(states):
+        set_rng_state(states[rank])
+    else:
+        seed_all(seed + rank)
