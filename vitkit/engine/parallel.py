@@ -140,6 +140,10 @@ def gathered_model(model: nn.Module) -> nn.Module | None:
     with torch.device("meta"):  # no memory: load_state_dict(assign=True) puts the gathered tensors in
         plain = VisionTransformer(sharded.cfg)  # type: ignore[arg-type]
     plain.load_state_dict(full, assign=True)
+    for name, buf in plain.named_buffers():  # non-persistent ones (the sincos2d table) are not in `full`
+        if buf.is_meta:
+            owner, _, attr = name.rpartition(".")
+            setattr(plain.get_submodule(owner), attr, sharded.get_buffer(name).detach().to("cpu", copy=True))
     plain.model_name = sharded.model_name
     return plain
 
