@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from vitkit.data.datasets import ArrayDataset
@@ -39,6 +40,13 @@ LAUNCHER_ENVS: dict[str, Callable[[int, int], dict[str, int]]] = {
     "pmi": lambda r, w: {"PMI_RANK": r, "PMI_SIZE": w},  # MPICH / Intel MPI: no local rank variable needed
 }
 
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Rank `src`'s `obj` on every rank (picklable objects)."""
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
 
 def tiny_cfg(**overrides: Any) -> Config:
     """A deterministic recipe: no dropout or drop path; the loader's pad-crop/flip augmentation is seeded
@@ -148,7 +156,7 @@ def _eval_and_collectives(cfg: Config, info: L.DistInfo, out: Path) -> None:
         "info": L.gather_objects((info.rank, info.world_size, info.local_rank, info.is_main, str(info.device))),
         "shards": L.gather_objects(shard),
         "rank_sum": L.all_reduce_sum(torch.tensor([info.rank + 1.0])).item(),
-        "broadcast": L.broadcast_object({"from": info.rank}),
+        "broadcast": broadcast_object({"from": info.rank}),
         "master": (os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"]),
     }
     if info.is_main:

@@ -107,10 +107,6 @@ class ToRGB(torch.nn.Module):
         return to_rgb(img)
 
 
-def _to_tensor_normalized(dc: DataConfig) -> list[Any]:
-    return [v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(dc.mean), list(dc.std))]
-
-
 def build_transform(data_config: DataConfig, *, train: bool, scale: tuple[float, float] = (0.08, 1.0),
                     ratio: tuple[float, float] = (0.75, 1.333), hflip: float = 0.5, vflip: float = 0.0,
                     auto_augment: Optional[str] = None, color_jitter: Any = None, re_prob: float = 0.0,

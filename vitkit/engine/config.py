@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import functools
 import json
 import math
 import re
@@ -403,14 +404,16 @@ class _ConfigParser(VerbParser):
         return ns.config, list(ns.config_pairs or [])
 
 
-def config_parser(verb: str, doc: str | None) -> VerbParser:
-    """A verb's parser with every config key (`add_config_arguments`), for its --help."""
-    parser = VerbParser(verb, doc, usage="%(prog)s [-c CONFIG.yaml] [--key value ...]")
+def config_parser(verb: str, doc: str | None = None, *, cls: type[VerbParser] = VerbParser, **kw: Any) -> VerbParser:
+    """A verb's parser with every config key (`add_config_arguments`)."""
+    parser = cls(verb, doc, usage="%(prog)s [-c CONFIG.yaml] [--key value ...]", **kw)
     add_config_arguments(parser)
     return parser
 
 
-_SCHEMA_PARSER: _ConfigParser | None = None
+@functools.cache
+def _schema_parser() -> _ConfigParser:
+    return config_parser("train", cls=_ConfigParser, add_help=False)  # type: ignore[return-value]
 
 
 def parse_cli(argv: Sequence[str]) -> tuple[str | None, list[tuple[str, Any]]]:
@@ -419,11 +422,7 @@ def parse_cli(argv: Sequence[str]) -> tuple[str | None, list[tuple[str, Any]]]:
     A flag with no value is true; several values make a list (`--scale 0.08 1.0`); `--no-flag` is false;
     `--a-b` and `--a_b` are the same key.
     """
-    global _SCHEMA_PARSER
-    if _SCHEMA_PARSER is None:
-        _SCHEMA_PARSER = _ConfigParser("train", None, add_help=False)
-        add_config_arguments(_SCHEMA_PARSER)
-    return _SCHEMA_PARSER.parse_config(argv)
+    return _schema_parser().parse_config(argv)
 
 
 def _is_number(text: str) -> bool:

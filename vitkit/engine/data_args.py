@@ -3,16 +3,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from vitkit.data import (
-    DataConfig,
-    ImageDataset,
-    Loader,
-    Mixup,
-    build_dataset,
-    build_loader,
-    build_mixup,
-    resolve_data_config,
-)
+from vitkit.data.augment import Mixup, build_mixup
+from vitkit.data.datasets import ImageDataset, build_dataset
+from vitkit.data.loader import Loader, build_loader
+from vitkit.data.preprocess import DataConfig, resolve_data_config
 from vitkit.engine.config import Config
 
 

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from vitkit.data.datasets import stratified_subset
-from vitkit.engine import launch, parallel
+from vitkit.engine import launch, parallel, runtime
 from vitkit.engine.checkpoint import is_complete_pair, load_checkpoint, load_train_state, save_checkpoint
 from vitkit.engine.config import Config, optimizer_args, precision_args, schedule_args
 from vitkit.engine.data_args import data_config_from_config, dataset_from_config, loader_from_config, mixup_from_config
@@ -31,15 +31,6 @@ from vitkit.engine.loss import classification_loss
 from vitkit.engine.monitor import Monitor, format_duration, run_info
 from vitkit.engine.optim import create_optimizer
 from vitkit.engine.precision import resolve_precision
-from vitkit.engine.runtime import (
-    pick_device,
-    restore_rank_rng,
-    rng_state,
-    seed_all,
-    seed_everything,
-    set_rng_state,
-    setup_tf32,
-)
 from vitkit.engine.saver import LAST, PREV, CheckpointSaver
 from vitkit.engine.schedule import build_schedule, set_lr
 from vitkit.errors import DataError, VitkitError, WeightsError
@@ -83,9 +74,9 @@ class Trainer:
     def __init__(self, cfg: Config, *, argv: Sequence[str] | None = None, rank: int = 0, world_size: int = 1,
                  device: torch.device | None = None, monitor: Monitor | None = None):
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
-        self.device = device or pick_device(cfg.device)  # several processes: cuda:local_rank or cpu
-        seed_everything(cfg.seed, cfg.deterministic)
-        setup_tf32(self.device, cfg.deterministic)
+        self.device = device or runtime.pick_device(cfg.device)  # several processes: cuda:local_rank or cpu
+        runtime.seed_everything(cfg.seed, cfg.deterministic)
+        runtime.setup_tf32(self.device, cfg.deterministic)
         self.run_dir = Path(cfg.ckpt_save_dir)
         self.monitor = monitor or Monitor(self.run_dir, enabled=rank == 0, log_interval=cfg.log_interval)
         self._build_data()
@@ -145,7 +136,7 @@ class Trainer:
         # Same seed for the init above on every rank; from here each rank draws its own dropout/drop path.
         wrapped = parallel.wrap_model(self.model, fsdp=cfg.fsdp, ema=cfg.ema, device=self.device)
         if self.world_size > 1:
-            seed_all(cfg.seed + self.rank)  # ranks draw different augmentations and dropout masks
+            runtime.seed_all(cfg.seed + self.rank)  # ranks draw different augmentations and dropout masks
         self.optimizer = create_optimizer(self.model, **optimizer_args(cfg), device=self.device)
         self.schedule = build_schedule(**schedule_args(cfg), steps_per_epoch=self.steps_per_epoch)
         self.train_model: nn.Module = torch.compile(wrapped) if cfg.compile else wrapped
@@ -177,7 +168,7 @@ class Trainer:
             "scaler": self.precision.scaler.state_dict() if self.precision.scaler.is_enabled() else {},
             "schedule": {"lr_factor": self.lr_factor, "name": self.schedule.name},
             "rollbacks": self.rollbacks, "epoch_meter": dict(self.epoch_meter),
-            "rng": rng_state(),
+            "rng": runtime.rng_state(),
             **({"rng_ranks": rng_ranks} if rng_ranks is not None else {}),
         }
 
@@ -191,7 +182,7 @@ class Trainer:
         if self.world_size > 1:  # every rank gathers (collectives under FSDP); rank 0 alone writes full tensors
             model = parallel.gathered_model(self.train_model)
             state = self.train_state(parallel.optimizer_state_dict(self.train_model, self.optimizer),
-                                     launch.gather_objects(rng_state()))
+                                     launch.gather_objects(runtime.rng_state()))
             if self.rank != 0:
                 return None
             return self.saver.save(lambda path: self._write(path, model, state), epoch=self.epoch, step=self.step,
@@ -227,9 +218,9 @@ class Trainer:
         self.epoch_meter = dict(state["epoch_meter"])
         self.last_metrics = dict(ckpt.metrics)
         if self.world_size > 1:  # each rank its own stream; any number of processes can resume
-            restore_rank_rng(state.get("rng_ranks") or [state["rng"]], self.rank, self.cfg.seed)
+            runtime.restore_rank_rng(state.get("rng_ranks") or [state["rng"]], self.rank, self.cfg.seed)
         else:
-            set_rng_state(state["rng"])
+            runtime.set_rng_state(state["rng"])
         self.saver.forget_after(self.step)
         self.monitor.truncate_metrics(self.epoch)
 

@@ -16,15 +16,7 @@ import torch
 
 from vitkit.args import VerbParser
 from vitkit.errors import VitkitError
-from vitkit.tools.inference import (
-    DEFAULT_MAX_PIXELS,
-    ImageError,
-    InferenceModel,
-    find_images,
-    image_to_tensor,
-    load_inference_model,
-    topk_answer,
-)
+from vitkit.tools import inference
 
 
 def build_parser() -> VerbParser:
@@ -37,13 +29,13 @@ def build_parser() -> VerbParser:
     p.add_argument("--use_ema", action="store_true", help="use the checkpoint's EMA weights")
     p.add_argument("--batch_size", type=int, default=32)
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
-    p.add_argument("--max_pixels", type=int, default=DEFAULT_MAX_PIXELS, help="refuse larger images")
+    p.add_argument("--max_pixels", type=int, default=inference.DEFAULT_MAX_PIXELS, help="refuse larger images")
     return p
 
 
 @torch.no_grad()
-def predict_files(im: InferenceModel, files: list[Path], *, topk: int = 5, batch_size: int = 32,
-                  max_pixels: int = DEFAULT_MAX_PIXELS) -> list[dict[str, Any]]:
+def predict_files(im: inference.InferenceModel, files: list[Path], *, topk: int = 5, batch_size: int = 32,
+                  max_pixels: int = inference.DEFAULT_MAX_PIXELS) -> list[dict[str, Any]]:
     """[{file, predictions}] or [{file, error}] per file, in order."""
     transform = im.transform()
     device = next(im.model.parameters()).device
@@ -56,13 +48,13 @@ def predict_files(im: InferenceModel, files: list[Path], *, topk: int = 5, batch
         batch = torch.stack([t for _, t in pending]).to(device)
         probs = im.model(batch).float().softmax(-1).cpu()
         for (i, _), row in zip(pending, probs):
-            results[i]["predictions"] = topk_answer(row, im.class_names, topk)
+            results[i]["predictions"] = inference.topk_answer(row, im.class_names, topk)
         pending.clear()
 
     for i, f in enumerate(files):
         try:
-            pending.append((i, image_to_tensor(f, transform, max_pixels=max_pixels)))
-        except ImageError as e:
+            pending.append((i, inference.image_to_tensor(f, transform, max_pixels=max_pixels)))
+        except inference.ImageError as e:
             results[i]["error"] = str(e)
         if len(pending) >= batch_size:
             flush()
@@ -97,11 +89,11 @@ def main(argv: list[str]) -> int:
     args = build_parser().parse_with_source(argv, more="inputs")
     if args.topk < 1:
         raise VitkitError(f"--topk must be >= 1 (got {args.topk})")
-    files = find_images(args.inputs)
+    files = inference.find_images(args.inputs)
     if not files:
         print("error: no image files found in " + ", ".join(args.inputs), file=sys.stderr)
         return 2
-    im = load_inference_model(args.source, model_name=args.model, use_ema=args.use_ema, device=args.device)
+    im = inference.load_inference_model(args.source, model_name=args.model, use_ema=args.use_ema, device=args.device)
     results = predict_files(im, files, topk=args.topk, batch_size=args.batch_size, max_pixels=args.max_pixels)
     print(format_results(results, args.format))
     failed = [r for r in results if "error" in r]

@@ -40,15 +40,8 @@ from vitkit.args import VerbParser
 from vitkit.data.preprocess import DataConfig
 from vitkit.data.transforms import build_transform
 from vitkit.errors import VitkitError
+from vitkit.tools import inference
 from vitkit.tools.export import metadata_path
-from vitkit.tools.inference import (
-    DEFAULT_MAX_PIXELS,
-    ImageError,
-    InferenceModel,
-    image_to_tensor,
-    load_inference_model,
-    topk_answer,
-)
 
 IMAGE_ERROR_STATUS = {"empty": 400, "corrupt": 400, "unsupported": 415, "too_large": 413}
 
@@ -64,12 +57,12 @@ class HTTPError(Exception):
 class TorchBackend:
     """A vitkit checkpoint (or registered name) in eager PyTorch."""
 
-    def __init__(self, im: InferenceModel):
+    def __init__(self, im: inference.InferenceModel):
         self.im, self._transform, self.class_names = im, im.transform(), im.class_names
         self.device = next(im.model.parameters()).device
 
     def preprocess(self, data: bytes, max_pixels: int) -> np.ndarray:
-        return image_to_tensor(data, self._transform, max_pixels=max_pixels).numpy()
+        return inference.image_to_tensor(data, self._transform, max_pixels=max_pixels).numpy()
 
     @torch.no_grad()
     def infer(self, batch: np.ndarray) -> np.ndarray:
@@ -102,7 +95,7 @@ class OnnxBackend:
         self._version = ort.__version__
 
     def preprocess(self, data: bytes, max_pixels: int) -> np.ndarray:
-        x = image_to_tensor(data, self._transform, max_pixels=max_pixels)
+        x = inference.image_to_tensor(data, self._transform, max_pixels=max_pixels)
         return x.permute(1, 2, 0).contiguous().numpy() if self.with_preprocess else x.numpy()  # HWC uint8 / CHW
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
@@ -127,7 +120,7 @@ def load_backend(source: str, *, model_name: str | None = None, use_ema: bool = 
         return OnnxBackend(Path(source), threads)
     if threads:
         torch.set_num_threads(threads)
-    return TorchBackend(load_inference_model(source, model_name=model_name, use_ema=use_ema, device=device))
+    return TorchBackend(inference.load_inference_model(source, model_name=model_name, use_ema=use_ema, device=device))
 
 
 # -- dynamic batching ----------------------------------------------------------------------------------------
@@ -232,8 +225,8 @@ async def image_bytes(request: Request, limit: int) -> bytes:
 
 
 def create_app(backend: TorchBackend | OnnxBackend, *, topk: int = 5, max_batch_size: int = 16,
-               max_wait_ms: float = 5.0, max_upload_bytes: int = 10 * 2**20, max_pixels: int = DEFAULT_MAX_PIXELS,
-               max_queue: int = 1024) -> Starlette:
+               max_wait_ms: float = 5.0, max_upload_bytes: int = 10 * 2**20,
+               max_pixels: int = inference.DEFAULT_MAX_PIXELS, max_queue: int = 1024) -> Starlette:
     """The ASGI app around one loaded model."""
     batcher = Batcher(backend.infer, max_batch_size, max_wait_ms, max_queue)
     class_names = backend.class_names
@@ -258,9 +251,9 @@ def create_app(backend: TorchBackend | OnnxBackend, *, topk: int = 5, max_batch_
             probs = await batcher.submit(x)
         except HTTPError as e:
             return error(e.status, e.message)
-        except ImageError as e:
+        except inference.ImageError as e:
             return error(IMAGE_ERROR_STATUS.get(e.reason, 400), str(e))
-        return JSONResponse({"model": model_name, "predictions": topk_answer(probs, class_names, k)})
+        return JSONResponse({"model": model_name, "predictions": inference.topk_answer(probs, class_names, k)})
 
     async def health(request: Request) -> JSONResponse:
         return JSONResponse({"status": "ok", "uptime_s": round(time.time() - stats["started"], 1),
@@ -300,7 +293,7 @@ def build_parser() -> VerbParser:
     p.add_argument("--max_batch_size", type=int, default=16, help="most requests run as one batch")
     p.add_argument("--max_wait_ms", type=float, default=5.0, help="how long a batch waits for more requests")
     p.add_argument("--max_upload_mb", type=float, default=10.0, help="larger uploads get 413")
-    p.add_argument("--max_pixels", type=int, default=DEFAULT_MAX_PIXELS, help="larger images get 413")
+    p.add_argument("--max_pixels", type=int, default=inference.DEFAULT_MAX_PIXELS, help="larger images get 413")
     p.add_argument("--max_queue", type=int, default=1024, help="requests waiting beyond this get 503")
     return p
 
