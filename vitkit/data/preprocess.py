@@ -12,12 +12,14 @@ from typing import Any, Optional, Sequence
 
 import torch
 
+from vitkit.constants import IMAGENET_MEAN, IMAGENET_STD
+
 
 @dataclass(frozen=True)
 class DataConfig:
     input_size: int = 224  # square crop fed to the model
-    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)  # 0-1 units
-    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    mean: tuple[float, float, float] = IMAGENET_MEAN  # 0-1 units
+    std: tuple[float, float, float] = IMAGENET_STD
     interpolation: str = "bicubic"
     crop_pct: float = 0.875
 

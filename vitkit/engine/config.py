@@ -470,7 +470,13 @@ def load_config(
 ) -> Config:
     """defaults <- YAML (`-c`) <- command line, then validated (not resolved: see `resolve`). Notices about
     ignored keys are appended to `notices` (printed to stderr when not given)."""
-    cli_path, pairs = parse_cli(argv)
+    return _build(parse_cli(argv), defaults=defaults, yaml_path=yaml_path, notices=notices,
+                  defaults_source=defaults_source)
+
+
+def _build(parsed: tuple[str | None, list[tuple[str, Any]]], *, defaults: dict[str, Any] | None,
+           yaml_path: str | None, notices: list[str] | None, defaults_source: str) -> Config:
+    cli_path, pairs = parsed
     notes: list[str] = [] if notices is None else notices
     values: dict[str, Any] = {"sources": {}}
     for key, value in (defaults or {}).items():
@@ -650,7 +656,7 @@ def resolve(argv: Sequence[str] = (), *, defaults: dict[str, Any] | None = None,
         elif config_path is None and not names_data:
             defaults, source = DEMO_RECIPE, "built-in demo recipe"
             notes.append("note: no config given (-c); running the built-in demo recipe (vitkit train --help)")
-    cfg = load_config(argv, defaults=defaults, notices=notes, defaults_source=source)
+    cfg = _build((config_path, pairs), defaults=defaults, yaml_path=None, notices=notes, defaults_source=source)
     sources = dict(cfg.sources)
     changes: dict[str, Any] = {}
     if cfg.smoke:

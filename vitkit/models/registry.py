@@ -9,12 +9,8 @@ import fnmatch
 from dataclasses import dataclass, field
 from typing import Any
 
+from vitkit.constants import CIFAR10_MEAN, CIFAR10_STD, IMAGENET_MEAN, IMAGENET_STD
 from vitkit.models.vit import ViTConfig, VisionTransformer
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
-CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 
 # width, depth, heads of each size (ViT paper Table 1; DeiT for ti and s; "n" is ours, for CPU-scale runs).
 SIZES: dict[str, tuple[int, int, int]] = {

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from vitkit.models.registry import IMAGENET_MEAN, IMAGENET_STD
+from vitkit.constants import IMAGENET_MEAN, IMAGENET_STD
 
 INCEPTION_MEAN = INCEPTION_STD = (0.5, 0.5, 0.5)
 
