@@ -74,6 +74,7 @@ class Trainer:
     def __init__(self, cfg: Config, *, argv: Sequence[str] | None = None, rank: int = 0, world_size: int = 1,
                  device: torch.device | None = None, monitor: Monitor | None = None):
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
+        self.started = time.perf_counter()  # metrics.jsonl's elapsed_s (time to accuracy) counts from here
         self.device = device or runtime.pick_device(cfg.device)  # several processes: cuda:local_rank or cpu
         runtime.seed_everything(cfg.seed, cfg.deterministic)
         runtime.setup_tf32(self.device, cfg.deterministic)
@@ -350,6 +351,7 @@ class Trainer:
         }
         if self.val_loader is not None and (epoch % cfg.val_interval == 0 or last):
             record.update(self.validate())
+        record["elapsed_s"] = round(time.perf_counter() - self.started, 2)  # this process: data, model, steps, val
         stats = self.train_loader.stats() if hasattr(self.train_loader, "stats") else {}
         if stats.get("bad_images"):
             record["bad_images"] = stats["bad_images"]

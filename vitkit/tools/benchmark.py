@@ -43,6 +43,7 @@ class Result:
     step_ms: float
     peak_mem_mb: float | None
     mfu: float | None
+    warmup_s: float = 0.0  # the untimed warm-up steps (compilation and autotuning with --compile)
 
 
 def timm_twin(cfg: ViTConfig) -> torch.nn.Module:
@@ -129,8 +130,10 @@ def time_steps(step: Callable[[], None], device: torch.device, steps: int) -> fl
 def run(
     model_name: str, batch_size: int, *, mode: str = "both", precision: str = "fp32", compile: bool = False,
     compare: str | None = None, steps: int = 5, warmup: int = 2, repeats: int = 3, device: str = "auto",
-    img_size: int | None = None, same_optimizer: bool = False,
+    img_size: int | None = None, same_optimizer: bool = False, peak_tflops: float | None = None,
 ) -> list[Result]:
+    """Median images/s of each implementation; MFU against `peak_tflops` (a measured ceiling) when given, else
+    against the data sheet's dense peak of a known GPU."""
     dev = pick_device(device)
     setup_tf32(dev)  # the fp32 fast path on Ampere and later, as training uses
     torch.manual_seed(0)
@@ -145,16 +148,16 @@ def run(
     size = ours.cfg.img_size
     x = torch.randn(batch_size, ours.cfg.in_chans, size, size, device=dev)
     macs = count_macs(ours.cfg)
-    peak = peak_flops(dev, precision)
+    peak = peak_tflops * 1e12 if peak_tflops else peak_flops(dev, precision)
     results: list[Result] = []
     for m in (["infer", "train"] if mode == "both" else [mode]):
-        steps_fns = {}
+        steps_fns, warm = {}, {}
         for name, model in impls.items():
             fn_model = torch.compile(model) if compile else model
             opt = make_optimizer(name, model, same_optimizer) if m == "train" else None
             steps_fns[name] = make_step(fn_model, x, m, precision, opt)
-            for _ in range(warmup):  # compile and autotune happen here, outside every timing
-                steps_fns[name]()
+            # compile and autotune happen here, outside every timing
+            warm[name] = time_steps(steps_fns[name], dev, warmup) * warmup if warmup else 0.0
         times: dict[str, list[float]] = {n: [] for n in impls}
         mem: dict[str, float | None] = {}
         for r in range(repeats):  # interleave so that load on the machine hits both alike; alternate who goes
@@ -169,7 +172,8 @@ def run(
         for name in impls:
             t = statistics.median(times[name])
             ips = batch_size / t
-            results.append(Result(name, m, ips, t * 1e3, mem[name], ips * flops_per_image / peak if peak else None))
+            results.append(Result(name, m, ips, t * 1e3, mem[name], ips * flops_per_image / peak if peak else None,
+                                  warm[name]))
     return results
 
 
@@ -218,12 +222,13 @@ def main(argv: Sequence[str]) -> int:
     p.add_argument("--device", default="auto")
     p.add_argument("--same_optimizer", action="store_true",
                    help="train both with torch's fused AdamW (the models alone) instead of each toolkit's own AdamW")
+    p.add_argument("--peak_tflops", type=float, default=None, help="MFU against this measured ceiling")
     p.add_argument("--json", action="store_true")
     a = p.parse_args(list(argv))
     get_spec(a.model)  # unknown names fail here with a suggestion
     results = run(a.model, a.batch_size, mode=a.mode, precision=a.precision, compile=a.compile, compare=a.compare,
                   steps=a.steps, warmup=a.warmup, repeats=a.repeats, device=a.device, img_size=a.img_size,
-                  same_optimizer=a.same_optimizer)
+                  same_optimizer=a.same_optimizer, peak_tflops=a.peak_tflops)
     if a.json:
         print(json.dumps([asdict(r) for r in results], indent=1))
     else:
