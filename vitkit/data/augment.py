@@ -31,8 +31,9 @@ from __future__ import annotations
 import math
 import random
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any
 
 import numpy as np
 import torch
@@ -66,7 +67,7 @@ class AugmentOp:
     magnitude: float
     magnitude_std: float = 0.0  # gaussian noise; inf = uniform in [0, magnitude]
     magnitude_max: float = LEVEL_MAX
-    hparams: Optional[dict[str, Any]] = None
+    hparams: dict[str, Any] | None = None
 
     def sample_magnitude(self) -> float:
         """The magnitude for one application: timm's AugmentOp.__call__ rule."""
@@ -77,7 +78,7 @@ class AugmentOp:
             m = random.gauss(m, self.magnitude_std)
         return max(0.0, min(self.magnitude_max, m))
 
-    def __call__(self, img: Image.Image, trace: Optional[list] = None) -> Image.Image:
+    def __call__(self, img: Image.Image, trace: list | None = None) -> Image.Image:
         if self.prob < 1.0 and random.random() > self.prob:
             return img
         m = self.sample_magnitude()
@@ -94,7 +95,7 @@ class RandAugment:
 
     def __init__(self, ops: list[AugmentOp], num_ops: int = 2):
         self.ops, self.num_ops = ops, num_ops
-        self.trace: Optional[list] = None  # set to a list to record (op, magnitude) of applied ops (tests)
+        self.trace: list | None = None  # set to a list to record (op, magnitude) of applied ops (tests)
 
     def __call__(self, img: Image.Image) -> Image.Image:
         for op in random.choices(self.ops, k=self.num_ops):
@@ -239,7 +240,7 @@ class Mixup:
 
 
 def build_mixup(num_classes: int, *, mixup: float = 0.0, cutmix: float = 0.0, prob: float = 1.0,
-                switch_prob: float = 0.5, label_smoothing: float = 0.0, seed: int = 0) -> Optional[Mixup]:
+                switch_prob: float = 0.5, label_smoothing: float = 0.0, seed: int = 0) -> Mixup | None:
     """Mixup/CutMix with these alphas; None when both are 0 (then the loss smooths labels itself)."""
     if mixup <= 0 and cutmix <= 0:
         return None

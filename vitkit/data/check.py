@@ -6,13 +6,11 @@ Exit code 0 when clean, 1 when problems were found, 2 for a missing folder.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
-
-from PIL import Image
 
 from vitkit.args import VerbParser
-from vitkit.data.datasets import IMG_EXTENSIONS, list_images  # also sets the decompression-bomb limit
+from vitkit.data.datasets import IMG_EXTENSIONS, list_images, open_image  # also sets the decompression-bomb limit
 from vitkit.data.loader import DECODE_ERRORS
 from vitkit.errors import DataError
 
@@ -31,9 +29,9 @@ def check_split(split_dir: Path, *, decode: bool = True, imbalance: float = 2.0)
             problems.append(f"empty class: {c}")
         for f in files:
             try:
-                with Image.open(f) as img:
+                with open_image(f) as img:
                     img.load() if decode else img.verify()
-            except DECODE_ERRORS as e:
+            except (*DECODE_ERRORS, Exception) as e:  # noqa: B030 - any failure of one file is a problem to list
                 problems.append(f"unreadable: {f} ({type(e).__name__}: {e})")
     nonzero = [n for n in counts.values() if n]
     if nonzero and max(nonzero) > imbalance * min(nonzero):

@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import logging
 import os
+from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Protocol, Sequence, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 import torch
 import torchvision.datasets as tvd
-from PIL import Image
+from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
 from vitkit.data.transforms import to_rgb
@@ -66,7 +68,7 @@ class ImageFolderDataset(Dataset):
 
     def load(self, i: int) -> Image.Image:
         """The opened image; pixels are decoded on first use."""
-        return Image.open(self.samples[i][0])
+        return open_image(self.samples[i][0])
 
     def __getitem__(self, i: int) -> tuple[Image.Image, int]:
         return to_rgb(self.load(i)), self.targets[i]
@@ -76,7 +78,7 @@ class ArrayDataset(Dataset):
     """Decoded images held in memory: `images` uint8 (N, H, W, 3)."""
 
     def __init__(self, images: torch.Tensor, targets: Sequence[int], classes: list[str],
-                 paths: Optional[list[str]] = None):
+                 paths: list[str] | None = None):
         self.images, self.targets, self.classes = images, list(targets), classes
         self._paths = paths
         self.bad: list[int] = []  # indices that failed to decode (to_memory); the loader replaces them
@@ -115,10 +117,39 @@ class Subset(Dataset):
         return self.base[self.indices[i]]
 
 
+EXIF_ORIENTATION = 0x0112
+
+
+def open_image(path: str | Path) -> Image.Image:
+    """The image at `path`, upright: an EXIF orientation other than 1 is applied (as torchvision's
+    `decode_image(apply_exif_orientation=True)` and timm's loaders do). Reading the tag costs no decode, so the
+    usual image stays undecoded (a transform may still decode it at reduced size); only a rotated one is
+    decoded here."""
+    img = Image.open(path)
+    try:
+        rotated = img.getexif().get(EXIF_ORIENTATION, 1) not in (1, None)
+    except Exception:  # noqa: BLE001 - a damaged EXIF block: the pixels may still be fine; keep them as stored
+        rotated = False
+    if not rotated:
+        return img
+    with img:
+        return ImageOps.exif_transpose(img)
+
+
 def list_images(folder: Path) -> list[str]:
-    """Image files under `folder` (recursive, links followed, hidden files skipped), sorted."""
-    return sorted(os.path.join(dp, f) for dp, _, fs in os.walk(folder, followlinks=True) for f in fs
-                  if f.lower().endswith(IMG_EXTENSIONS) and not f.startswith("."))
+    """Image files under `folder` (recursive, links followed, hidden files skipped), sorted. A linked folder
+    whose real path was already walked (`loop -> .`, two links to each other) is walked once, not again."""
+    out, seen = [], set()
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:
+            dirnames[:] = []
+            continue
+        seen.add(real)
+        dirnames.sort()
+        out += [os.path.join(dirpath, f) for f in filenames if f.lower().endswith(IMG_EXTENSIONS)
+                and not f.startswith(".")]
+    return sorted(out)
 
 
 def scan_image_folder(root: Path) -> ImageFolderDataset:
@@ -153,7 +184,7 @@ def stratified_subset(ds: ImageDataset, num_samples: int, seed: int) -> ImageDat
     return Subset(ds, np.sort(np.concatenate(chosen)).tolist())
 
 
-def _check_root(data_dir: Optional[str], *, cifar: bool, download: bool) -> Path:
+def _check_root(data_dir: str | None, *, cifar: bool, download: bool) -> Path:
     if not data_dir:
         raise DataError("data_dir is not set; pass --data_dir /path/to/dataset")
     root = Path(data_dir).expanduser()
@@ -203,8 +234,8 @@ def _cifar(name: str, root: Path, split: str, *, train: bool, download: bool, tr
                     f"{split}/<class>/*.jpg; pass --dataset_download to download it")
 
 
-def build_dataset(root: Optional[str], *, name: str, split: str, train: bool, download: bool = False,
-                  num_samples: Optional[int] = None, seed: int = 0, train_split: str = "train") -> ImageDataset:
+def build_dataset(root: str | None, *, name: str, split: str, train: bool, download: bool = False,
+                  num_samples: int | None = None, seed: int = 0, train_split: str = "train") -> ImageDataset:
     """The dataset `name` (imagenet / imagefolder: root/<split>/<class>/*, cifar10, cifar100) for `split`.
 
     download: fetch CIFAR into root if missing. num_samples takes a stratified subset (seeded by `seed`) of a
@@ -223,19 +254,31 @@ def build_dataset(root: Optional[str], *, name: str, split: str, train: bool, do
     return ds
 
 
-def image_size_hint(ds: ImageDataset) -> Optional[tuple[int, int]]:
-    """(w, h) of the first readable image, read from its header; None if none can be read."""
+SIZE_HINT_SAMPLE = 64  # headers read to find a dataset's image size (spread over the whole dataset)
+
+
+def image_size_hint(ds: ImageDataset) -> tuple[int, int] | None:
+    """(w, h) most common among up to SIZE_HINT_SAMPLE images spread over the dataset (headers only), with a
+    warning when sizes vary; None if none can be read. One odd image (a 1x1 file that sorts first) cannot
+    decide the size the whole in-memory dataset is resized to."""
     if isinstance(ds, ArrayDataset):
         return int(ds.images.shape[2]), int(ds.images.shape[1])
     if isinstance(ds, Subset) and isinstance(ds.base, ArrayDataset):
         return image_size_hint(ds.base)
-    for i in range(min(len(ds), 8)):
+    sizes: Counter[tuple[int, int]] = Counter()
+    for i in sorted(set(np.linspace(0, len(ds) - 1, min(len(ds), SIZE_HINT_SAMPLE)).astype(int).tolist())):
         try:
             with ds.load(i) as img:
-                return img.size
+                sizes[img.size] += 1
         except Exception:  # noqa: BLE001 - unreadable files are reported by the loader
             continue
-    return None
+    if not sizes:
+        return None
+    (size, count), n = sizes.most_common(1)[0], sum(sizes.values())
+    if count < n:
+        log.warning("image sizes vary: %d sizes among %d sampled images; the most common, %dx%d (%d of them), "
+                    "is the size hint", len(sizes), n, size[0], size[1], count)
+    return size
 
 
 def to_memory(ds: ImageDataset, size: tuple[int, int]) -> ArrayDataset:

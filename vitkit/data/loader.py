@@ -17,7 +17,8 @@ import logging
 import math
 import random
 import time
-from typing import Any, Iterator, Optional
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -143,7 +144,7 @@ class Collate:
     """Stack samples; with mean/std, samples are uint8 and the whole batch is normalized at once (in the worker):
     a quarter of the bytes through stacking, and one vectorized op instead of one per image."""
 
-    def __init__(self, data_config: Optional[DataConfig] = None):
+    def __init__(self, data_config: DataConfig | None = None):
         self.scale = None if data_config is None else data_config.pixel_mean_std()
 
     def __call__(self, items: list[tuple[torch.Tensor, int, list[str]]]
@@ -177,7 +178,7 @@ class Loader:
 
     def __init__(self, ds: ImageDataset, plan: ShardPlan, *, transform: Any = None, seed: int = 0,
                  num_workers: int = 0, pin_memory: bool = False, bad_image_limit: float = 0.01, batch_fn: Any = None,
-                 normalize: Optional[DataConfig] = None,
+                 normalize: DataConfig | None = None,
                  collate_fn: Any = None, post_fn: Any = None):
         self.ds, self.plan, self.seed = ds, plan, seed
         self.bad_image_limit = bad_image_limit
@@ -185,7 +186,7 @@ class Loader:
         self.post_fn = post_fn  # GPU decode path: collated bytes -> (images, targets, bad) in the main process
         self.epoch, self.start_batch = 0, 0
         self._batches = _EpochBatches()
-        self._loader: Optional[DataLoader] = None
+        self._loader: DataLoader | None = None
         if batch_fn is None:
             self._loader = DataLoader(
                 SampleReader(ds, transform, seed), batch_sampler=self._batches, num_workers=num_workers,
@@ -248,7 +249,7 @@ class Loader:
 
 def build_loader(ds: ImageDataset, *, data_config: DataConfig, train: bool, batch_size: int, seed: int = 0,
                  shuffle: bool = True, drop_remainder: bool = True, aug_repeats: int = 0, num_workers: int = 0,
-                 bad_image_limit: float = 0.01, in_memory: Optional[bool] = None, gpu_decode: bool = False,
+                 bad_image_limit: float = 0.01, in_memory: bool | None = None, gpu_decode: bool = False,
                  rank: int = 0, world_size: int = 1, **augment: Any) -> Loader:
     """The loader for `ds` on one rank; `augment` holds build_transform's training keywords (scale, ratio, hflip,
     vflip, auto_augment, color_jitter, re_*). Small in-memory datasets with the plain CIFAR recipe (pad-crop,

@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, Optional, Sequence
+from typing import Any
 
 import torch
 
@@ -43,7 +44,7 @@ class DataConfig:
         return json.dumps(self.to_dict())
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "DataConfig":
+    def from_dict(cls, d: dict[str, Any]) -> DataConfig:
         return cls(
             input_size=int(d["input_size"]), mean=tuple(d["mean"]), std=tuple(d["std"]),  # type: ignore[arg-type]
             interpolation=str(d["interpolation"]), crop_pct=float(d["crop_pct"]),
@@ -55,9 +56,9 @@ def to_unit_range(values: tuple[float, ...]) -> tuple[float, ...]:
     return tuple(v / 255.0 for v in values) if max(values) > 1.0 else tuple(values)
 
 
-def resolve_data_config(spec: Any, *, input_size: int, mean: Optional[Sequence[float]] = None,
-                        std: Optional[Sequence[float]] = None, interpolation: Optional[str] = None,
-                        crop_pct: Optional[float] = None) -> DataConfig:
+def resolve_data_config(spec: Any, *, input_size: int, mean: Sequence[float] | None = None,
+                        std: Sequence[float] | None = None, interpolation: str | None = None,
+                        crop_pct: float | None = None) -> DataConfig:
     """Preprocessing at `input_size` for a model: each keyword overrides the model's own value (`spec`, a ModelSpec
     or anything with mean, std, interpolation, crop_pct); None keeps the model's. mean/std may be in 0-255 units."""
     return DataConfig(

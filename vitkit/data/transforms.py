@@ -18,7 +18,7 @@ Pipelines (build_transform keywords in brackets):
 """
 from __future__ import annotations
 
-from typing import Any, Optional, Union
+from typing import Any
 
 import numpy as np
 import torch
@@ -109,9 +109,9 @@ class ToRGB(torch.nn.Module):
 
 def build_transform(data_config: DataConfig, *, train: bool, scale: tuple[float, float] = (0.08, 1.0),
                     ratio: tuple[float, float] = (0.75, 1.333), hflip: float = 0.5, vflip: float = 0.0,
-                    auto_augment: Optional[str] = None, color_jitter: Any = None, re_prob: float = 0.0,
+                    auto_augment: str | None = None, color_jitter: Any = None, re_prob: float = 0.0,
                     re_scale: tuple[float, float] = (0.02, 0.33), re_ratio: tuple[float, float] = (0.3, 3.3),
-                    re_value: Union[float, str] = 0, small_data: Optional[bool] = None,
+                    re_value: float | str = 0, small_data: bool | None = None,
                     normalize: bool = True) -> v2.Compose:
     """PIL image -> normalized float tensor (C, H, W); the augmentation keywords apply with train=True only.
 
