@@ -160,7 +160,8 @@ def test_sigkill_at_random_moments_until_done_equals_uninterrupted_run(tmp_path)
     assert reference.returncode == 0, reference.stderr
     run_dir, rng, kills = tmp_path / "run", random.Random(0), 0
     for attempt in range(40):  # noqa: B007 (reported after the loop)
-        extra = (*longer, "--resume") if (run_dir / "last.safetensors").exists() else longer
+        # killed before its first checkpoint, the folder still holds the attempt's config.yaml: start it over
+        extra = (*longer, "--resume") if (run_dir / "last.safetensors").exists() else (*longer, "--overwrite")
         proc = subprocess.Popen([sys.executable, "-m", "vitkit.cli", "train", *train_args(run_dir, *extra)],
                                 env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         while proc.poll() is None and not (run_dir / "run_info.json").exists():

@@ -6,8 +6,13 @@ or a wrong type is a `ConfigError` naming the key and the closest valid one. Eve
 came from (`Config.sources`), and that record is saved in the run directory.
 
 `resolve` is the one place a run's config is completed: the built-in demo recipe or a resumed checkpoint's
-config as defaults, smoke shrinking, the single-process fallback, world size, global batch and lr scaling,
-and the optimizer's / schedule's own defaults written out as values. The result is frozen.
+config as defaults, smoke shrinking, the run folder (a fresh timestamped one when none was given; the newest
+run for `--resume`), the single-process fallback, world size, global batch and lr scaling, and the
+optimizer's / schedule's own defaults written out as values. The result is frozen.
+
+An `--epoch_size` on the command line over a recipe's keeps the recipe's schedule shape: warmup_epochs and
+decay_epochs not given there are scaled with it, as `--smoke` does. An empty `ckpt_path` / `pretrained`
+(MindCV's `''`) means none.
 """
 from __future__ import annotations
 
@@ -19,6 +24,7 @@ import json
 import math
 import re
 import sys
+import time
 import types
 import typing
 from collections.abc import Sequence
@@ -30,6 +36,7 @@ import yaml
 
 from vitkit.args import VerbParser
 from vitkit.engine.checkpoint import read_metadata
+from vitkit.engine.saver import LAST, PREV
 from vitkit.errors import ConfigError  # noqa: E402  (re-exported: callers import it from here too)
 
 
@@ -133,7 +140,10 @@ class Config:
     clip_grad: bool = _f(False, "clip the global gradient norm to clip_value", MODEL)
     clip_value: float = _f(15.0, "max gradient norm", MODEL)
     # -- checkpoint -------------------------------------------------------------------------------
-    ckpt_save_dir: str = _f("./ckpt", "run directory: checkpoints, logs, metrics", CKPT)
+    ckpt_save_dir: str = _f("./ckpt", "run directory: checkpoints, logs, metrics (when not given: a new "
+                                      "timestamped folder under ./ckpt for each run)", CKPT)
+    overwrite: bool = _f(False, "start over in a ckpt_save_dir that holds a run: remove that run's files (checkpoints, "
+                                "metrics, config, logs; nothing else) first", CKPT)
     ckpt_save_interval: int = _f(1, "epochs between checkpoints", CKPT)
     ckpt_save_policy: str = _f("latest_k", "which checkpoints to keep", CKPT, choices=("latest_k", "top_k"))
     keep_checkpoint_max: int = _f(10, "how many checkpoints the policy keeps (plus last and best)", CKPT)
@@ -230,6 +240,8 @@ RENAMED_KEYS: dict[str, tuple[str, Any]] = {
 }
 
 FIELDS = {f.name: f for f in fields(Config) if f.name != "sources"}
+# Keys whose empty value ('' in MindCV's recipes and CLI, or a bare `--key ""`) means none: their default.
+EMPTY_MEANS_NONE = ("ckpt_path", "pretrained", "resume")
 
 
 def _type_name(tp: Any) -> str:
@@ -310,6 +322,8 @@ def _set(values: dict[str, Any], key: str, value: Any, source: str, notices: lis
         key, value = new_key, convert(value)
     if key not in FIELDS:
         raise ConfigError(f"unknown config key {key!r} ({source}){_suggest(key)}")  # repr: one line, always
+    if key in EMPTY_MEANS_NONE and value in (None, ""):  # MindCV's `ckpt_path: ''`, `--ckpt_path ""`
+        value = FIELDS[key].default
     tp = _HINTS[key]
     ok, converted = _coerce(value, tp)
     if not ok:
@@ -468,8 +482,9 @@ def load_config(
     argv: Sequence[str] = (), *, defaults: dict[str, Any] | None = None, yaml_path: str | None = None,
     notices: list[str] | None = None, defaults_source: str = "built-in recipe",
 ) -> Config:
-    """defaults <- YAML (`-c`) <- command line, then validated (not resolved: see `resolve`). Notices about
-    ignored keys are appended to `notices` (printed to stderr when not given)."""
+    """defaults <- YAML (`-c`) <- command line, then validated (not resolved: see `resolve`). An `--epoch_size`
+    over the recipe's scales the recipe's warmup_epochs and decay_epochs with it (`_rescale_epochs`). Notices
+    (ignored keys, rescaling) are appended to `notices` (printed to stderr when not given)."""
     return _build(parse_cli(argv), defaults=defaults, yaml_path=yaml_path, notices=notices,
                   defaults_source=defaults_source)
 
@@ -485,8 +500,10 @@ def _build(parsed: tuple[str | None, list[tuple[str, Any]]], *, defaults: dict[s
     if path:
         for key, value in load_yaml(path).items():
             _set(values, key, value, f"yaml:{path}", notes)
+    recipe = {key: (values.get(key), values["sources"].get(key, "default")) for key in SCALED_WITH_EPOCHS}
     for key, value in pairs:
         _set(values, key, value, "command line", notes)
+    _rescale_epochs(values, recipe, notes)
     # "the optimizer's / schedule's own default", written out as the value it means
     own = {"beta2": 0.99 if values.get("opt") == "lion" else 0.999,  # the Lion paper's beta2; else Adam's
            "power": values.get("decay_rate", FIELDS["decay_rate"].default)}  # MindCV: polynomial power = decay_rate
@@ -496,6 +513,33 @@ def _build(parsed: tuple[str | None, list[tuple[str, Any]]], *, defaults: dict[s
         for n in notes:
             print(n, file=sys.stderr)
     return cfg
+
+
+SCALED_WITH_EPOCHS = ("epoch_size", "warmup_epochs", "decay_epochs")
+
+
+def _rescale_epochs(values: dict[str, Any], recipe: dict[str, tuple[Any, str]], notes: list[str]) -> None:
+    """`--epoch_size N` over a recipe's (YAML or defaults, not a resumed checkpoint's): its warmup_epochs and
+    decay_epochs, unless given on the command line too, scale by N / the recipe's epoch_size (as `--smoke`)."""
+    sources = values["sources"]
+    old, old_source = recipe["epoch_size"]
+    old = FIELDS["epoch_size"].default if old is None else old
+    new = values.get("epoch_size", old)
+    if sources.get("epoch_size") != "command line" or old_source.startswith("checkpoint") or new == old \
+            or not (isinstance(old, int) and isinstance(new, int) and 1 <= old <= 10**9 and 1 <= new <= 10**9):
+        return  # (out of range: validate names the key)
+    changed = []
+    for key in ("warmup_epochs", "decay_epochs"):
+        value, source = recipe[key]
+        value = FIELDS[key].default if source == "default" else value
+        if sources.get(key) == "command line" or value is None or not math.isfinite(value * new / old):
+            continue
+        values[key] = value * new / old
+        sources[key] = f"{source}, scaled to epoch_size {new}"
+        changed.append(f"{key} {value:g} -> {values[key]:g}")
+    if changed:
+        notes.append(f"note: --epoch_size {new} over the recipe's {old} ({old_source}): {', '.join(changed)} "
+                     f"(scaled by {new}/{old}, as --smoke does; give them on the command line to choose)")
 
 
 def from_dict(values: dict[str, Any], source: str = "checkpoint") -> Config:
@@ -571,20 +615,99 @@ DEMO_RECIPE: dict[str, Any] = {
 }
 SMOKE_IMAGES, SMOKE_VAL_IMAGES, SMOKE_EPOCHS = 32, 32, 2
 # Keys a resumed checkpoint's config does not lend: where that invocation stopped, and what resolve derives.
-NOT_FROM_CHECKPOINT = ("resume", "max_steps", "world_size", "global_batch")
+NOT_FROM_CHECKPOINT = ("resume", "max_steps", "world_size", "global_batch", "overwrite")
+RUN_STAMP = "%Y%m%d-%H%M%S"  # a new run's folder under the default ckpt_save_dir: ./ckpt/20261202-153012
+_STAMPED = re.compile(r"(\d{8}-\d{6})(?:-(\d+))?")
+UNNAMED_RUN_DIR = ("default", "built-in demo recipe")  # sources of a ckpt_save_dir the user did not choose
+NEW_RUN_DIR, NEWEST_RUN_DIR = "new timestamped run folder", "newest run folder (--resume)"
 
 
-def _checkpoint_defaults(config_path: str | None, given: dict[str, Any]) -> tuple[dict[str, Any], str] | None:
-    """`--resume ...` with no `-c`: the resolved config stored in the checkpoint being resumed."""
+def _resumable(folder: Path) -> bool:
+    return (folder / LAST).is_file() or (folder / PREV).is_file()
+
+
+def latest_run(root: str | Path) -> Path | None:
+    """The newest timestamped run folder under `root` that holds a checkpoint to resume, or None."""
+    root = Path(root)
+    if not root.is_dir():
+        return None
+    runs = []
+    for p in root.iterdir():
+        m = _STAMPED.fullmatch(p.name)
+        if m and p.is_dir() and _resumable(p):
+            runs.append(((m[1], int(m[2] or 1)), p))
+    return max(runs)[1] if runs else None
+
+
+def find_run(folder: str | Path) -> Path | None:
+    """What `--resume true` continues in `folder`: the run there, else the newest timestamped one under it."""
+    folder = Path(folder)
+    return folder if _resumable(folder) else latest_run(folder)
+
+
+def new_run_dir(root: str | Path) -> Path:
+    """A fresh timestamped folder name under `root` (`-2`, `-3`, ... when runs start within the same second)."""
+    root, stamp = Path(root), time.strftime(RUN_STAMP)
+    path, n = root / stamp, 2
+    while path.exists():
+        path, n = root / f"{stamp}-{n}", n + 1
+    return path
+
+
+def _last_file(folder: Path) -> Path:
+    return folder / LAST if (folder / LAST).is_file() else folder / PREV
+
+
+def _checkpoint_defaults(config_path: str | None, given: dict[str, Any],
+                         names_data: bool) -> tuple[dict[str, Any], str] | None:
+    """`--resume ...` with no `-c`: the resolved config stored in the checkpoint being resumed. `--resume true`
+    without a folder finds the newest run under ./ckpt (and the demo's runs/demo, when no data is named)."""
     if config_path is not None or not given.get("resume"):
         return None
-    resume = given["resume"]
-    path = Path(given.get("ckpt_save_dir", "./ckpt")) / "last.safetensors" if resume is True else Path(str(resume))
+    resume, folder = given["resume"], None
+    if resume is True:
+        if "ckpt_save_dir" in given:
+            folder = find_run(str(given["ckpt_save_dir"]))
+        else:
+            roots = [FIELDS["ckpt_save_dir"].default] + ([] if names_data else [DEMO_RECIPE["ckpt_save_dir"]])
+            found = [run for run in map(find_run, roots) if run is not None]
+            folder = max(found, key=lambda run: _last_file(run).stat().st_mtime) if found else None
+        if folder is None:
+            return None  # the Trainer says there is nothing to resume
+        path = _last_file(folder)
+    else:
+        path = Path(str(resume))
     meta = read_metadata(path) if path.is_file() else None
     if not meta or "config" not in meta:
         return None  # the Trainer reports the missing or foreign checkpoint
-    saved = json.loads(meta["config"])
-    return {k: v for k, v in saved.items() if k not in NOT_FROM_CHECKPOINT}, f"checkpoint:{path}"
+    saved = {k: v for k, v in json.loads(meta["config"]).items() if k not in NOT_FROM_CHECKPOINT}
+    if folder is not None:
+        saved["ckpt_save_dir"] = str(folder)  # where it was found, not the path as written from another cwd
+    return saved, f"checkpoint:{path}"
+
+
+def _run_dir(cfg: Config, notices: list[str]) -> tuple[str, str] | None:
+    """(ckpt_save_dir, its source) when resolve chooses the run folder, else None (the one given is used).
+
+    `--resume true`: the run in ckpt_save_dir, else the newest timestamped run under it. `--resume PATH` (or
+    ckpt_path + resume_opt) without a folder: the checkpoint's own folder. A new run without a folder: a fresh
+    timestamped folder under the default (./ckpt, or runs/demo for the demo recipe), so runs never mix."""
+    source = cfg.sources.get("ckpt_save_dir", "default")
+    folder = Path(cfg.ckpt_save_dir)
+    if cfg.resume is True:
+        if _resumable(folder):
+            return None
+        run = latest_run(folder)
+        if run is None:
+            return None  # the Trainer says there is nothing to resume
+        notices.append(f"note: --resume: continuing the newest run under {folder}: {run}")
+        return str(run), f"{source}, {NEWEST_RUN_DIR}"
+    if source not in UNNAMED_RUN_DIR:
+        return None
+    resumed = cfg.resume or (cfg.ckpt_path if cfg.resume_opt else None)
+    if resumed:
+        return str(Path(str(resumed)).parent), f"{source}, the folder of the checkpoint resumed"
+    return str(new_run_dir(folder)), f"{source}, {NEW_RUN_DIR}"
 
 
 def _smoke_changes(cfg: Config) -> dict[str, Any]:
@@ -593,6 +716,7 @@ def _smoke_changes(cfg: Config) -> dict[str, Any]:
         "batch_size": min(cfg.batch_size, 8), "num_parallel_workers": 0, "log_interval": 1,
         "epoch_size": SMOKE_EPOCHS, "warmup_epochs": cfg.warmup_epochs * SMOKE_EPOCHS / cfg.epoch_size,
         "val_num_samples": min(cfg.val_num_samples or SMOKE_VAL_IMAGES, SMOKE_VAL_IMAGES),
+        "keep_checkpoint_max": 1,  # and no epoch files (the Trainer's saver): last and best only
     }
     if cfg.decay_epochs is not None:
         changes["decay_epochs"] = cfg.decay_epochs * SMOKE_EPOCHS / cfg.epoch_size
@@ -638,19 +762,21 @@ def resolve(argv: Sequence[str] = (), *, defaults: dict[str, Any] | None = None,
     """The run's frozen config: defaults <- YAML <- command line, validated, then completed.
 
     Defaults are `defaults`, else the resumed checkpoint's config (`--resume` without `-c`), else the demo
-    recipe when neither a config nor data (--data_dir / --dataset) is named. Then: smoke shrinking, the
-    single-process fallback of a recipe's `distribute: true`, world size from `launch` (a launcher's
-    `LaunchEnv`, or None for a plain process), global batch and lr scaling, and the optimizer's and
-    schedule's own defaults as values (`load_config`). Notices go to `notices` (stderr when not given).
+    recipe when neither a config nor data (--data_dir / --dataset) is named; an `--epoch_size` over the
+    recipe's scales its warmup/decay epochs (`load_config`). Then: smoke shrinking, the run folder (`_run_dir`:
+    a fresh timestamped one for a new run given none, the newest run for `--resume`), the single-process
+    fallback of a recipe's `distribute: true`, world size from `launch` (a launcher's `LaunchEnv`, or None for
+    a plain process), global batch and lr scaling, and the optimizer's and schedule's own defaults as values
+    (`load_config`). Notices go to `notices` (stderr when not given).
     """
     notes: list[str] = [] if notices is None else notices
     config_path, pairs = parse_cli(argv)
     source = "built-in recipe"
     if defaults is None:
-        from_ckpt = _checkpoint_defaults(config_path, dict(pairs))
         # A command that names its own data (the seed's `--dataset cifar10 --data_dir ...` finetune) is a recipe
         # of its own over the schema's defaults, as in MindCV; the demo's 32 px, run dir and regularisation stay out.
         names_data = any(key in ("data_dir", "dataset") for key, _ in pairs)
+        from_ckpt = _checkpoint_defaults(config_path, dict(pairs), names_data)
         if from_ckpt is not None:
             defaults, source = from_ckpt
         elif config_path is None and not names_data:
@@ -662,6 +788,11 @@ def resolve(argv: Sequence[str] = (), *, defaults: dict[str, Any] | None = None,
     if cfg.smoke:
         changes.update(_smoke_changes(cfg))
         sources.update(dict.fromkeys(changes, "smoke"))
+    if cfg.overwrite and (cfg.resume or (cfg.ckpt_path and cfg.resume_opt)):
+        raise ConfigError("--overwrite starts the run over and --resume continues it: pass one of them")
+    run_dir = _run_dir(cfg, notes)
+    if run_dir is not None:
+        changes["ckpt_save_dir"], sources["ckpt_save_dir"] = run_dir
     if cfg.distribute and launch is None and "distribute" not in dict(pairs):  # an explicit flag is an error later
         # The seed's own command, `python train.py -c configs/vit/vit_b32_224.yaml ...`, runs as written: the
         # recipe's 8-device setting falls back to one process, said in one line.

@@ -7,11 +7,17 @@ the loader's order and augmentation are functions of (seed, epoch, position) (`v
 resumed run, mid-epoch too, continues exactly as if it had never stopped. Data loading runs inside
 `torch.random.fork_rng`, so the model's random stream (dropout, drop path) never depends on how the data was
 read.
+
+A run folder holds one run. A new run refuses a folder that holds another (`--resume` continues it,
+`--overwrite` replaces it), builds data and model before it writes anything, and a start that fails once it
+did write removes what it wrote (a folder that was missing or empty is left as it was).
 """
 from __future__ import annotations
 
 import contextlib
+import json
 import math
+import shutil
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -22,7 +28,7 @@ from torch import nn
 
 from vitkit.data.datasets import stratified_subset
 from vitkit.engine import launch, parallel, runtime
-from vitkit.engine.checkpoint import is_complete_pair, load_checkpoint, load_train_state, save_checkpoint
+from vitkit.engine.checkpoint import is_complete_pair, load_checkpoint, load_train_state, read_metadata, save_checkpoint
 from vitkit.engine.config import Config, optimizer_args, precision_args, schedule_args
 from vitkit.engine.data_args import data_config_from_config, dataset_from_config, loader_from_config, mixup_from_config
 from vitkit.engine.ema import ModelEMA
@@ -31,7 +37,7 @@ from vitkit.engine.loss import classification_loss
 from vitkit.engine.monitor import Monitor, format_duration, run_info
 from vitkit.engine.optim import create_optimizer
 from vitkit.engine.precision import resolve_precision
-from vitkit.engine.saver import LAST, PREV, CheckpointSaver
+from vitkit.engine.saver import CONFIG, LAST, PREV, RUN_INFO, CheckpointSaver, clear_run, next_free_run_dir, used_by_run
 from vitkit.engine.schedule import build_schedule, set_lr
 from vitkit.errors import DataError, VitkitError, WeightsError
 from vitkit.models import get_spec
@@ -55,9 +61,10 @@ def resolve_resume_path(cfg: Config) -> Path | None:
     two files falls back to `prev`, the save before it."""
     if cfg.resume is True:
         path, prev = Path(cfg.ckpt_save_dir) / LAST, Path(cfg.ckpt_save_dir) / PREV
-        if not path.is_file():
-            raise VitkitError(f"--resume: no checkpoint to resume in {cfg.ckpt_save_dir} ({path.name} is missing); "
-                              f"pass --resume PATH or the run's --ckpt_save_dir")
+        if not path.is_file() and not is_complete_pair(prev):
+            raise VitkitError(f"--resume: no checkpoint to resume in {cfg.ckpt_save_dir} ({path.name} is missing "
+                              f"there and in every timestamped run folder under it); pass --resume PATH or the "
+                              f"run's --ckpt_save_dir")
         if not is_complete_pair(path) and is_complete_pair(prev):
             return prev
         return path  # complete, or load_train_state says why not
@@ -66,6 +73,36 @@ def resolve_resume_path(cfg: Config) -> Path | None:
     if cfg.ckpt_path and cfg.resume_opt:
         return Path(cfg.ckpt_path)
     return None
+
+
+def finished_run(cfg: Config) -> tuple[str, dict[str, Any]] | None:
+    """(what to say, its metrics) when the run `cfg` resumes has nothing left to do: its checkpoint is at the end
+    of the schedule (or at max_steps). Read from the checkpoint's metadata alone; None otherwise."""
+    path = resolve_resume_path(cfg)
+    meta = read_metadata(path) if path is not None and path.is_file() else None
+    if not meta or meta.get("format") != "vitkit":
+        return None  # a fresh run, or the Trainer says what is wrong with the checkpoint
+    epoch, step = int(meta.get("epoch", 0)), int(meta.get("step", 0))
+    where = f"run in {path.parent}"
+    if epoch >= cfg.epoch_size:  # epoch = step // steps_per_epoch: step >= the schedule's last step
+        text = (f"{where} is already complete (epoch {epoch}/{cfg.epoch_size}, step {step}); nothing to do — start "
+                f"a new run with a fresh --ckpt_save_dir or raise --epoch_size")
+    elif cfg.max_steps is not None and step >= cfg.max_steps:
+        text = (f"{where} is already at step {step} (max_steps {cfg.max_steps}); nothing to do — raise --max_steps "
+                f"or drop it to train to the end (epoch {cfg.epoch_size})")
+    else:
+        return None
+    return text, json.loads(meta.get("metrics", "{}"))
+
+
+def _created_by_this_run(run_dir: Path) -> Path | None:
+    """The outermost folder of `run_dir` (itself or a parent) that does not exist yet, or None."""
+    missing = None
+    for p in (run_dir, *run_dir.parents):
+        if p.exists():
+            break
+        missing = p
+    return missing
 
 
 class Trainer:
@@ -79,20 +116,66 @@ class Trainer:
         runtime.seed_everything(cfg.seed, cfg.deterministic)
         runtime.setup_tf32(self.device, cfg.deterministic)
         self.run_dir = Path(cfg.ckpt_save_dir)
-        self.monitor = monitor or Monitor(self.run_dir, enabled=rank == 0, log_interval=cfg.log_interval)
+        resume = resolve_resume_path(cfg)
+        if resume is None and not cfg.overwrite:
+            self._refuse_used_run_dir()
+        # Nothing is written before data and model are built: a bad data dir or model leaves no folder behind.
         self._build_data()
         self._build_model()
+        created = _created_by_this_run(self.run_dir)
+        was_empty = created is None and self.run_dir.is_dir() and not any(self.run_dir.iterdir())
+        try:
+            self._start(resume, argv, monitor)
+        except BaseException:
+            if rank == 0:
+                self._undo_start(created, was_empty)
+            raise
+
+    def _refuse_used_run_dir(self) -> None:
+        """A new run into a folder that holds another run: a one-line error saying the three ways on."""
+        used = used_by_run(self.run_dir)
+        if used:
+            raise VitkitError(f"{self.run_dir} already holds a run ({', '.join(used)}); continue it with --resume, "
+                              f"start a new one with --ckpt_save_dir {next_free_run_dir(self.run_dir)}, or replace "
+                              f"it with --overwrite")
+
+    def _start(self, resume: Path | None, argv: Sequence[str] | None, monitor: Monitor | None) -> None:
+        """The part of construction that writes into the run folder: overwrite, monitor, saver, restore."""
+        cfg = self.cfg
+        removed = clear_run(self.run_dir) if cfg.overwrite and self.rank == 0 else []
+        self.monitor = monitor or Monitor(self.run_dir, enabled=self.rank == 0, log_interval=cfg.log_interval)
+        if removed:
+            self.monitor.print(f"overwrite: removed the previous run's {len(removed)} files from {self.run_dir}")
+        if self.precision.notice:
+            self.monitor.print(self.precision.notice)
         self.saver = CheckpointSaver(self.run_dir, model_name=cfg.model, policy=cfg.ckpt_save_policy,
-                                     keep_max=cfg.keep_checkpoint_max)
+                                     keep_max=cfg.keep_checkpoint_max, epoch_files=not cfg.smoke)
         self.argv = list(argv) if argv is not None else None
         self.step, self.lr_factor, self.rollbacks, self.skipped = 0, 1.0, 0, 0
         self.epoch_meter = {"loss_sum": 0.0, "steps": 0}
         self.last_metrics: dict[str, Any] = {}
-        resume = resolve_resume_path(cfg)
         if resume is not None:
             self.restore(resume)
             torn = " (the last save was interrupted; continuing from the one before)" if resume.name == PREV else ""
             self.monitor.print(f"resumed from {resume} at epoch {self.epoch + 1}, step {self.step}{torn}")
+
+    def _undo_start(self, created: Path | None, was_empty: bool) -> None:
+        """A failed start: remove what it wrote, when the run folder was missing or empty before."""
+        monitor = getattr(self, "monitor", None)
+        if monitor is not None:
+            monitor.close()  # the TensorBoard writer holds a file in the folder
+        if created is not None and self.run_dir.is_dir():
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+            for p in self.run_dir.parents:  # the parents this run made, while empty (a parallel run may use them)
+                if p == created.parent or not p.is_dir() or any(p.iterdir()):
+                    break
+                p.rmdir()
+        elif was_empty and self.run_dir.is_dir():
+            for p in self.run_dir.iterdir():
+                if p.is_dir() and not p.is_symlink():
+                    shutil.rmtree(p, ignore_errors=True)
+                else:
+                    p.unlink(missing_ok=True)
 
     # -- construction -----------------------------------------------------------------------------------
     def _build_data(self) -> None:
@@ -128,9 +211,7 @@ class Trainer:
                                   img_size=cfg.image_resize, drop_rate=cfg.drop_rate, drop_path_rate=cfg.drop_path_rate)
         if cfg.grad_checkpointing:
             self.model.set_grad_checkpointing(True)
-        self.precision = resolve_precision(**precision_args(cfg), device=self.device)
-        if self.precision.notice:
-            self.monitor.print(self.precision.notice)
+        self.precision = resolve_precision(**precision_args(cfg), device=self.device)  # its notice: _start
         self.model.to(self.device, dtype=self.precision.param_dtype)
         self.ema = ModelEMA(self.model, cfg.ema_decay) if cfg.ema else None
         # DDP (or FSDP, which shards self.model in place) over all processes; a single process is unwrapped.
@@ -397,8 +478,8 @@ class Trainer:
         return "\n".join(lines)
 
     def write_run_records(self) -> None:
-        self.monitor.write_text("config.yaml", self.cfg.to_yaml())
-        self.monitor.write_json("run_info.json", run_info(self.device, self.argv))
+        self.monitor.write_text(CONFIG, self.cfg.to_yaml())
+        self.monitor.write_json(RUN_INFO, run_info(self.device, self.argv))
 
     def fit(self) -> dict[str, Any]:
         """Train until epoch_size epochs (or max_steps); returns the last epoch's metrics."""
@@ -417,6 +498,8 @@ class Trainer:
                     saved = self.save(keep_epoch=False)
                     self.monitor.print(f"stopped at step {self.step} (max_steps); resume with --resume "
                                        f"{saved or ''}".rstrip())
+            if self.cfg.smoke and self.step >= self.total_steps and self.rank == 0:
+                self.saver.drop_prev()  # a smoke run keeps one checkpoint: last (and best)
         finally:
             self.monitor.plot_curves()
             self.monitor.close()
