@@ -5,6 +5,9 @@ same number for the same checkpoint and data. Ranks exchange *sums* (correct cou
 count), never per-rank accuracies: averaging per-rank accuracies is wrong when shards differ in size, and
 padded shards (a DistributedSampler that repeats images to even out ranks, the bug timm and MindCV users
 hit) count some images twice. The loader is expected to shard without padding (`vitkit.data.build_loader`).
+
+`progress` draws a bar over the batches on a terminal (the main rank's only) and nothing otherwise; it
+never touches the computation (no extra synchronisation, no RNG), so results are the same with or without.
 """
 from __future__ import annotations
 
@@ -16,9 +19,17 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from vitkit.engine.launch import all_reduce_sum, gather_objects
+from vitkit.engine.launch import all_reduce_sum, gather_objects, is_main
+from vitkit.engine.monitor import Bar
 
 TOPK = (1, 5)
+
+
+def _advancing(loader: Iterable[Any], bar: Bar) -> Iterable[Any]:
+    """The loader's batches, advancing `bar` after each one has been used."""
+    for batch in loader:
+        yield batch
+        bar.advance()
 
 
 def _batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -37,6 +48,7 @@ def evaluate(
     amp_dtype: torch.dtype | None = None,
     num_classes: int | None = None,
     collect: bool = False,
+    progress: Bar | bool | None = None,
 ) -> dict[str, Any]:
     """Evaluate `model` on every batch of `loader`.
 
@@ -46,6 +58,9 @@ def evaluate(
     as `topk`. With `collect`, also `targets`, `preds` (top-k class indices per image, best first) and
     `probs` (their softmax probabilities), gathered from all ranks in rank order.
     The model's train/eval mode is restored afterwards.
+
+    `progress`: a `Bar` (e.g. `Monitor.progress_bar("val")`, which draws on the run's console), or True for a
+    "validate" bar on stderr; either is drawn only on a terminal, on the main rank. None/False: silent.
     """
     device = torch.device(device)
     was_training = model.training
@@ -54,27 +69,34 @@ def evaluate(
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # correct@1, correct@k, loss sum, images
     k = None
     parts: dict[str, list[torch.Tensor]] = {"targets": [], "preds": [], "probs": []}
+    if not isinstance(progress, Bar):
+        progress = Bar("validate", enabled=bool(progress) and is_main())
+    try:
+        total = len(loader)  # type: ignore[arg-type]
+    except TypeError:  # an iterable without a length: a bar without an end
+        total = None
     start = time.perf_counter()
-    for batch in loader:
-        images, targets = _batch(batch)
-        images = images.to(device, non_blocking=True)
-        targets = targets.to(device, non_blocking=True)
-        with autocast:
-            logits = model(images)
-        logits = logits.float()  # loss and softmax in fp32 whatever the autocast dtype
-        if k is None:
-            classes = num_classes or logits.shape[-1]
-            k = min(max(TOPK), classes)
-        top = logits.topk(k, dim=-1).indices  # (B, k), best first
-        hits = top.eq(targets[:, None])  # (B, k)
-        sums[0] += hits[:, 0].sum()
-        sums[1] += hits.any(dim=-1).sum()
-        sums[2] += F.cross_entropy(logits, targets, reduction="sum").double()
-        sums[3] += targets.numel()
-        if collect:
-            parts["targets"].append(targets.cpu())
-            parts["preds"].append(top.cpu())
-            parts["probs"].append(logits.softmax(-1).gather(1, top).cpu())
+    with progress.start(total):
+        for batch in _advancing(loader, progress):
+            images, targets = _batch(batch)
+            images = images.to(device, non_blocking=True)
+            targets = targets.to(device, non_blocking=True)
+            with autocast:
+                logits = model(images)
+            logits = logits.float()  # loss and softmax in fp32 whatever the autocast dtype
+            if k is None:
+                classes = num_classes or logits.shape[-1]
+                k = min(max(TOPK), classes)
+            top = logits.topk(k, dim=-1).indices  # (B, k), best first
+            hits = top.eq(targets[:, None])  # (B, k)
+            sums[0] += hits[:, 0].sum()
+            sums[1] += hits.any(dim=-1).sum()
+            sums[2] += F.cross_entropy(logits, targets, reduction="sum").double()
+            sums[3] += targets.numel()
+            if collect:
+                parts["targets"].append(targets.cpu())
+                parts["preds"].append(top.cpu())
+                parts["probs"].append(logits.softmax(-1).gather(1, top).cpu())
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     elapsed = time.perf_counter() - start

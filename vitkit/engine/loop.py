@@ -304,7 +304,7 @@ class Trainer:
         else:
             runtime.set_rng_state(state["rng"])
         self.saver.forget_after(self.step)
-        self.monitor.truncate_metrics(self.epoch)
+        self.monitor.truncate_metrics(self.epoch, step=self.step)
 
     # -- one optimizer step -----------------------------------------------------------------------------
     def train_step(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[float, float]:
@@ -380,7 +380,7 @@ class Trainer:
         stop = min(spe, self.last_step - epoch * spe)
         if first == 0:
             self.epoch_meter = {"loss_sum": 0.0, "steps": 0}
-        self.monitor.start_epoch(epoch, cfg.epoch_size, spe, first)
+        self.monitor.start_epoch(epoch, cfg.epoch_size, spe, first, last_step=self.last_step)
         batches = self._batches()
         images, wait, start = 0, 0.0, time.perf_counter()
         for done in range(first + 1, stop + 1):
@@ -415,7 +415,7 @@ class Trainer:
         for suffix, model in models:
             with torch.random.fork_rng(devices=[]):
                 r = evaluate(model, loader, device=self.device, amp_dtype=self.precision.eval_dtype,
-                             num_classes=self.num_classes)
+                             num_classes=self.num_classes, progress=self.monitor.progress_bar(f"val{suffix}"))
             out.update({f"val_top1{suffix}": r["top1"], f"val_top5{suffix}": r["top5"], f"val_loss{suffix}": r["loss"]})
         out["val_images"] = r["num_images"]
         return out

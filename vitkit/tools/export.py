@@ -8,7 +8,8 @@ to each input's grid inside the graph. `--with_preprocess` bakes the normalizati
 uint8 (B, H, W, 3) RGB already resized and center-cropped as the metadata says, the output probabilities.
 Beside the model, `<out>.json` records classes, mean/std, input size and the self-check: max |difference| of
 the outputs against eager PyTorch and top-1 agreement on real images, at two batch sizes (and a second input
-size with `--dynamic_size`). The exit code is 1 when the check fails `--tolerance`.
+size with `--dynamic_size`). The exit code is 1 when the check fails `--tolerance`. On a terminal a bar on
+stderr follows the steps (export, reload, each check).
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ from torch import nn
 import vitkit
 from vitkit.args import VerbParser
 from vitkit.data.preprocess import DataConfig
+from vitkit.engine.monitor import Bar
 from vitkit.errors import VitkitError
 from vitkit.models.vit import VisionTransformer
 from vitkit.tools.inference import InferenceModel, find_images, image_to_tensor, load_inference_model
@@ -149,10 +151,14 @@ def load_inputs(im: InferenceModel, files: list[Path], input_size: int, count: i
 
 @torch.no_grad()
 def self_check(im: InferenceModel, run: Callable[[torch.Tensor], np.ndarray], files: list[Path], *,
-               with_preprocess: bool, dynamic_size: bool, batch_size: int = 50) -> dict[str, Any]:
-    """Exported vs eager on real images: max |difference| of the outputs and top-1 agreement."""
+               with_preprocess: bool, dynamic_size: bool, batch_size: int = 50,
+               on_step: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Exported vs eager on real images: max |difference| of the outputs and top-1 agreement. `on_step` is
+    told each comparison before it starts (a progress display)."""
 
     def compare(input_size: int, eager: nn.Module, files: list[Path], sizes: list[int]) -> dict[str, Any]:
+        if on_step is not None:
+            on_step(f"checking at {input_size}x{input_size}")
         u8, x, source = load_inputs(im, files, input_size)
         ref = eager(x).float()
         ref = ref.softmax(-1) if with_preprocess else ref
@@ -209,18 +215,31 @@ def metadata_path(out: Path) -> Path:
 
 def run_export(im: InferenceModel, fmt: str, out: Path, *, dynamic_size: bool = False,
                with_preprocess: bool = False, check_folder: str | None = DEFAULT_CHECK_IMAGES,
-               check_count: int = 256, tolerance: float = 1e-4) -> dict[str, Any]:
-    """Export, reload, check; writes `<out>.json` and returns its content."""
+               check_count: int = 256, tolerance: float = 1e-4, progress: Bar | None = None) -> dict[str, Any]:
+    """Export, reload, check; writes `<out>.json` and returns its content. `progress` (a `Bar`, drawn only on
+    a terminal) follows the steps: export, reload, one check per input size."""
     dc, patch = im.data_config, im.model.cfg.patch_size
     im.model.eval()
-    wrapper = ExportWrapper(im.model, dc, dynamic_size=dynamic_size, with_preprocess=with_preprocess)
-    example = example_input(dc.input_size, patch, dynamic_size=dynamic_size, with_preprocess=with_preprocess)
-    start = time.perf_counter()
-    export_model(wrapper, fmt, out, example, dynamic_shapes(patch, dynamic_size=dynamic_size,
-                                                            with_preprocess=with_preprocess))
-    export_s = time.perf_counter() - start
-    check = self_check(im, load_runner(fmt, out), check_images(check_folder, check_count),
-                       with_preprocess=with_preprocess, dynamic_size=dynamic_size)
+    bar = progress or Bar("export", enabled=False)
+    steps = 4 if dynamic_size else 3  # export, reload, check at the native size [, at another size]
+    done = iter(range(steps))
+
+    def step(label: str) -> None:  # a step starts: the bar shows how many are done and which one runs
+        bar.update(completed=next(done), info=label)
+
+    with bar.start(steps):
+        step(f"exporting to {fmt}")
+        wrapper = ExportWrapper(im.model, dc, dynamic_size=dynamic_size, with_preprocess=with_preprocess)
+        example = example_input(dc.input_size, patch, dynamic_size=dynamic_size, with_preprocess=with_preprocess)
+        start = time.perf_counter()
+        export_model(wrapper, fmt, out, example, dynamic_shapes(patch, dynamic_size=dynamic_size,
+                                                                with_preprocess=with_preprocess))
+        export_s = time.perf_counter() - start
+        step("reloading the export")
+        runner = load_runner(fmt, out)
+        check = self_check(im, runner, check_images(check_folder, check_count), with_preprocess=with_preprocess,
+                           dynamic_size=dynamic_size, on_step=step)
+        bar.update(completed=steps, info="done")
     results = [check["native_size"]] + ([check["other_size"]] if dynamic_size else [])
     check["tolerance"] = tolerance
     check["passed"] = all(r["max_abs_diff"] <= tolerance and r["top1_agreement"] == 100.0 for r in results)
@@ -267,7 +286,8 @@ def main(argv: list[str]) -> int:
             raise VitkitError("ONNX export needs onnx, onnxscript and onnxruntime: pip install 'vitkit[deploy]'") \
                 from None
     meta = run_export(im, args.format, out, dynamic_size=args.dynamic_size, with_preprocess=args.with_preprocess,
-                      check_folder=args.check_images, check_count=args.check_count, tolerance=args.tolerance)
+                      check_folder=args.check_images, check_count=args.check_count, tolerance=args.tolerance,
+                      progress=Bar("export", eta=False))
     check = meta["check"]
     print(f"wrote {out} and {metadata_path(out).name} ({meta['export_seconds']} s)")
     for key in ("native_size", "other_size"):

@@ -1,7 +1,8 @@
 """`vitkit predict CKPT IMAGE|DIR ...`: top-k classes of images, as a table, JSON or CSV.
 
 A file that cannot be used (corrupt, truncated, not an image, too large) gets a one-line error of its own
-and the other files are still answered; the exit code is 1 when any file failed.
+and the other files are still answered; the exit code is 1 when any file failed. Over several files a
+progress bar runs on stderr when it is a terminal (stdout carries only the results).
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from typing import Any
 import torch
 
 from vitkit.args import VerbParser
+from vitkit.engine.monitor import Bar
 from vitkit.errors import VitkitError
 from vitkit.tools import inference
 
@@ -35,8 +37,10 @@ def build_parser() -> VerbParser:
 
 @torch.no_grad()
 def predict_files(im: inference.InferenceModel, files: list[Path], *, topk: int = 5, batch_size: int = 32,
-                  max_pixels: int = inference.DEFAULT_MAX_PIXELS) -> list[dict[str, Any]]:
-    """[{file, predictions}] or [{file, error}] per file, in order."""
+                  max_pixels: int = inference.DEFAULT_MAX_PIXELS, progress: Bar | None = None
+                  ) -> list[dict[str, Any]]:
+    """[{file, predictions}] or [{file, error}] per file, in order. `progress` advances once per file
+    answered (a bar over `len(files)`, drawn only on a terminal)."""
     transform = im.transform()
     device = next(im.model.parameters()).device
     results: list[dict[str, Any]] = [{"file": str(f)} for f in files]
@@ -49,16 +53,20 @@ def predict_files(im: inference.InferenceModel, files: list[Path], *, topk: int 
         probs = im.model(batch).float().softmax(-1).cpu()
         for (i, _), row in zip(pending, probs):
             results[i]["predictions"] = inference.topk_answer(row, im.class_names, topk)
+        bar.advance(len(pending))
         pending.clear()
 
-    for i, f in enumerate(files):
-        try:
-            pending.append((i, inference.image_to_tensor(f, transform, max_pixels=max_pixels)))
-        except inference.ImageError as e:
-            results[i]["error"] = str(e)
-        if len(pending) >= batch_size:
-            flush()
-    flush()
+    bar = progress or Bar("predict", enabled=False)
+    with bar.start(len(files)):
+        for i, f in enumerate(files):
+            try:
+                pending.append((i, inference.image_to_tensor(f, transform, max_pixels=max_pixels)))
+            except inference.ImageError as e:
+                results[i]["error"] = str(e)
+                bar.advance()
+            if len(pending) >= batch_size:
+                flush()
+        flush()
     return results
 
 
@@ -94,7 +102,8 @@ def main(argv: list[str]) -> int:
         print("error: no image files found in " + ", ".join(args.inputs), file=sys.stderr)
         return 2
     im = inference.load_inference_model(args.source, model_name=args.model, use_ema=args.use_ema, device=args.device)
-    results = predict_files(im, files, topk=args.topk, batch_size=args.batch_size, max_pixels=args.max_pixels)
+    results = predict_files(im, files, topk=args.topk, batch_size=args.batch_size, max_pixels=args.max_pixels,
+                            progress=Bar("predict", enabled=len(files) > 1))
     print(format_results(results, args.format))
     failed = [r for r in results if "error" in r]
     for r in failed:

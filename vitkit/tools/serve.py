@@ -15,12 +15,16 @@ Dynamic batching: requests are decoded and preprocessed in a thread pool, then q
 them as one batch in a worker thread. Safety: uploads above `--max_upload_mb` get 413 without being held in
 memory, images above `--max_pixels` get 413 before any pixel is decoded (a decompression bomb is refused from
 its header), anything that is not a usable image gets 400/415, a full queue gets 503; the service keeps serving.
+
+Output (stderr): one line when it listens (URL, model, backend), then one access line per request (time,
+client, method, path, status, milliseconds); `--quiet` keeps the first and drops the access lines.
 """
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import json
+import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -32,9 +36,11 @@ import numpy as np
 import torch
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from vitkit.args import VerbParser
 from vitkit.data.preprocess import DataConfig
@@ -190,6 +196,46 @@ class Batcher:
 
 # -- the app -------------------------------------------------------------------------------------------------
 
+def _printable(text: str) -> str:
+    """`text` with control characters escaped: a request path cannot forge or break log lines."""
+    return "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in text)
+
+
+class AccessLog:
+    """ASGI middleware: one line per HTTP request to `write`, once its response is complete:
+    `2025-01-31 12:00:00 127.0.0.1 POST /predict?topk=2 200 12.3 ms` (status 500 for an unhandled error,
+    `-` when the client went away before any response)."""
+
+    def __init__(self, app: ASGIApp, write: Callable[[str], None]):
+        self.app, self.write = app, write
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start, status = time.perf_counter(), None
+
+        async def send_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        except Exception:
+            status = status or 500
+            raise
+        finally:
+            ms = 1000 * (time.perf_counter() - start)
+            raw = scope.get("raw_path")
+            path = raw.decode("latin-1") if raw else scope.get("path", "")
+            query = scope.get("query_string", b"").decode("latin-1")
+            client = scope.get("client")
+            self.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {client[0] if client else '-'} {scope['method']} "
+                       f"{_printable(path + ('?' + query if query else ''))} {status or '-'} {ms:.1f} ms")
+
+
 async def read_body(request: Request, limit: int) -> bytes:
     """The request body, refused with 413 once it passes `limit` bytes (never held in memory beyond that)."""
     declared = request.headers.get("content-length")
@@ -226,8 +272,9 @@ async def image_bytes(request: Request, limit: int) -> bytes:
 
 def create_app(backend: TorchBackend | OnnxBackend, *, topk: int = 5, max_batch_size: int = 16,
                max_wait_ms: float = 5.0, max_upload_bytes: int = 10 * 2**20,
-               max_pixels: int = inference.DEFAULT_MAX_PIXELS, max_queue: int = 1024) -> Starlette:
-    """The ASGI app around one loaded model."""
+               max_pixels: int = inference.DEFAULT_MAX_PIXELS, max_queue: int = 1024,
+               access_log: Callable[[str], None] | None = None) -> Starlette:
+    """The ASGI app around one loaded model; `access_log` gets one line per request (`AccessLog`)."""
     batcher = Batcher(backend.infer, max_batch_size, max_wait_ms, max_queue)
     class_names = backend.class_names
     model_name = backend.metadata()["model_name"]
@@ -276,7 +323,34 @@ def create_app(backend: TorchBackend | OnnxBackend, *, topk: int = 5, max_batch_
 
     routes = [Route("/predict", predict, methods=["POST"]), Route("/health", health, methods=["GET"]),
               Route("/metadata", metadata, methods=["GET"])]
-    return Starlette(routes=routes, lifespan=lifespan)
+    middleware = [Middleware(AccessLog, write=access_log)] if access_log is not None else []
+    return Starlette(routes=routes, lifespan=lifespan, middleware=middleware)
+
+
+def print_line(line: str) -> None:
+    """One line to stderr, now (a service's log is read while it runs)."""
+    print(line, file=sys.stderr, flush=True)
+
+
+def listening_url(sockets: list[Any], ssl: bool = False) -> str:
+    """The URL of the first listening socket (the real port, also for --port 0)."""
+    host, port = sockets[0].getsockname()[:2]
+    return f"{'https' if ssl else 'http'}://{f'[{host}]' if ':' in host else host}:{port}"
+
+
+def build_server(app: Starlette, host: str, port: int, on_started: Callable[[str], None] | None = None) -> Any:
+    """A uvicorn server for `app` (uvicorn's own access log off: `AccessLog` writes ours) that calls
+    `on_started(url)` once it listens."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        async def startup(self, sockets: list[Any] | None = None) -> None:
+            await super().startup(sockets=sockets)
+            if self.started and on_started is not None:
+                on_started(listening_url([s for server in self.servers for s in server.sockets],
+                                         ssl=self.config.ssl is not None))
+
+    return Server(uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False))
 
 
 def build_parser() -> VerbParser:
@@ -295,12 +369,11 @@ def build_parser() -> VerbParser:
     p.add_argument("--max_upload_mb", type=float, default=10.0, help="larger uploads get 413")
     p.add_argument("--max_pixels", type=int, default=inference.DEFAULT_MAX_PIXELS, help="larger images get 413")
     p.add_argument("--max_queue", type=int, default=1024, help="requests waiting beyond this get 503")
+    p.add_argument("--quiet", action="store_true", help="no access line per request (the start-up line stays)")
     return p
 
 
 def main(argv: list[str]) -> int:
-    import uvicorn
-
     args = build_parser().parse_with_source(argv)
     if args.max_batch_size < 1 or args.max_wait_ms < 0 or args.max_upload_mb <= 0:
         raise VitkitError("--max_batch_size must be >= 1, --max_wait_ms >= 0 and --max_upload_mb > 0")
@@ -308,6 +381,12 @@ def main(argv: list[str]) -> int:
                            threads=args.threads)
     app = create_app(backend, topk=args.topk, max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms,
                      max_upload_bytes=int(args.max_upload_mb * 2**20), max_pixels=args.max_pixels,
-                     max_queue=args.max_queue)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+                     max_queue=args.max_queue, access_log=None if args.quiet else print_line)
+    meta = backend.metadata()
+
+    def started(url: str) -> None:
+        print_line(f"serving {meta['model_name']} ({meta['backend']}) at {url} "
+                   f"(POST /predict, GET /health, GET /metadata; Ctrl+C stops)")
+
+    build_server(app, args.host, args.port, started).run()
     return 0

@@ -31,6 +31,7 @@ from vitkit.engine.config import Config, config_parser, load_config, load_yaml, 
 from vitkit.engine.data_args import dataset_from_config, loader_from_config
 from vitkit.engine.evaluate import confusion_matrix, evaluate, per_class_accuracy
 from vitkit.engine.launch import detect_launcher, distributed_session, gather_objects, is_main
+from vitkit.engine.monitor import Bar
 from vitkit.engine.precision import resolve_precision
 from vitkit.errors import ConfigError, DataError, WeightsError
 from vitkit.models.registry import build_config, get_spec
@@ -92,8 +93,8 @@ def _arch_summary(arch: Any) -> str:
 def model_from_checkpoint(cfg: Config, ckpt: Checkpoint, use_ema: bool, given: set[str], named: set[str]
                           ) -> tuple[torch.nn.Module, DataConfig, list[str] | None]:
     """The checkpoint's model; a config (`named`: keys of the command line and recipe) that names another
-    model or class count is an error naming both. Preprocessing keys in `given` (set on the command line)
-    override the checkpoint's."""
+    model, or a command line (`given`) that names another class count, is an error naming both (a recipe's
+    num_classes yields to the checkpoint's head). Preprocessing keys in `given` override the checkpoint's."""
     if "model" in named and cfg.model != ckpt.model_name:
         try:
             wanted = _arch_summary(build_config(cfg.model, num_classes=cfg.num_classes))
@@ -102,9 +103,12 @@ def model_from_checkpoint(cfg: Config, ckpt: Checkpoint, use_ema: bool, given: s
         raise WeightsError(f"{ckpt.path} is a {ckpt.model_name} checkpoint ({_arch_summary(ckpt.arch)}) but the "
                            f"config asks for {cfg.model} ({wanted}); drop `model` or validate a {cfg.model} "
                            f"checkpoint")
-    if cfg.num_classes is not None and cfg.num_classes != ckpt.arch.num_classes:
+    # Only a command-line num_classes is a claim about this checkpoint; a recipe's (the YAML the run trained
+    # from, or another one) yields to the head the checkpoint has.
+    if "num_classes" in given and cfg.num_classes is not None and cfg.num_classes != ckpt.arch.num_classes:
         raise WeightsError(f"{ckpt.path} has a {ckpt.arch.num_classes}-class head but the config says num_classes "
-                           f"{cfg.num_classes}; drop num_classes or use a checkpoint trained for {cfg.num_classes}")
+                           f"{cfg.num_classes}; drop --num_classes or use a checkpoint trained for "
+                           f"{cfg.num_classes}")
     model = ckpt.build_model(use_ema=use_ema)
     return model, _override_preprocessing(ckpt.data_config, cfg, given), ckpt.class_names
 
@@ -163,9 +167,9 @@ def _dataset_indices(loader: Any, world_size: int) -> list[int] | None:
 
 
 def write_reports(opts: argparse.Namespace, result: dict[str, Any], names: list[str],
-                  samples: list[tuple[int, str]] | None) -> dict[str, Any]:
+                  samples: list[tuple[int, str]] | None, title: str | None = None) -> dict[str, Any]:
     """Per-class accuracy (printed, and returned for the results file), confusion matrix CSV + PNG, mistakes
-    CSV. `samples`: (dataset index, path) of each prediction, when known."""
+    CSV. `samples`: (dataset index, path) of each prediction, when known; `title`: the PNG's (model, top-1)."""
     targets, preds, probs = result["targets"], result["preds"], result["probs"]
     top1 = preds[:, 0]
     n = len(names)
@@ -190,7 +194,7 @@ def write_reports(opts: argparse.Namespace, result: dict[str, Any], names: list[
                 w.writerows([names[i]] + row for i, row in enumerate(cm.tolist()))
 
         atomic_write(path, write_csv)
-        png = _plot_confusion(cm, names, path.with_suffix(".png"))
+        png = _plot_confusion(cm, names, path.with_suffix(".png"), title)
         print(f"confusion matrix: {path}" + (f" and {png}" if png else " (install matplotlib for the PNG)"))
     if opts.mistakes:
         wrong = (top1 != targets).nonzero().flatten().tolist()
@@ -209,26 +213,51 @@ def write_reports(opts: argparse.Namespace, result: dict[str, Any], names: list[
     return extra
 
 
-def _plot_confusion(cm: torch.Tensor, names: list[str], path: Path) -> Path | None:
-    try:
-        import matplotlib
+MAX_COUNTED_CLASSES = 20  # up to this many classes every cell of the confusion PNG shows its count
+MAX_LABELLED_CLASSES = 50  # beyond this the class names are unreadable; the CSV has them
 
-        matplotlib.use("Agg")  # no display needed
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
+
+def confusion_figure(cm: torch.Tensor, names: list[str], title: str | None = None) -> Any:
+    """The matplotlib Figure of the confusion matrix PNG: counts coloured (with a colour bar), each cell's
+    count written in it up to MAX_COUNTED_CLASSES classes, class names up to MAX_LABELLED_CLASSES, `title`."""
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
     n = len(names)
+    counts = cm.numpy()
     size = min(4 + 0.4 * n, 40)
-    fig, ax = plt.subplots(figsize=(size, size))
-    ax.imshow(cm.numpy(), cmap="Blues")
-    if n <= 50:  # beyond that the labels are unreadable; the CSV has them
+    fig = Figure(figsize=(size + 1.5, size))
+    ax = fig.subplots()
+    image = ax.imshow(counts, cmap="Blues", vmin=0, vmax=max(1, int(counts.max())))
+    bar = fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+    bar.set_label("images")
+    bar.locator = MaxNLocator(integer=True)
+    bar.update_ticks()
+    if n <= MAX_COUNTED_CLASSES:
+        dark = 0.55 * max(1, int(counts.max()))  # white text where the cell is dark enough
+        fontsize = 10 if n <= 10 else 7
+        for i in range(n):
+            for j in range(n):
+                value = int(counts[i, j])
+                ax.text(j, i, str(value), ha="center", va="center", fontsize=fontsize,
+                        color="white" if value > dark else ("black" if value else "0.6"))
+    if n <= MAX_LABELLED_CLASSES:
         ax.set_xticks(range(n), names, rotation=90)
         ax.set_yticks(range(n), names)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
+    if title:
+        ax.set_title(title)
     fig.tight_layout()
+    return fig
+
+
+def _plot_confusion(cm: torch.Tensor, names: list[str], path: Path, title: str | None = None) -> Path | None:
+    try:
+        fig = confusion_figure(cm, names, title)
+    except ImportError:  # matplotlib is an optional extra (`vitkit[log]`)
+        return None
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
-    plt.close(fig)
     return path
 
 
@@ -270,7 +299,8 @@ def run_validate(argv: list[str]) -> dict[str, Any]:
         model.to(info.device, dtype=precision.param_dtype)
         want_samples = bool(opts.per_class or opts.confusion_matrix or opts.mistakes)
         result = evaluate(model, loader, device=info.device, amp_dtype=precision.eval_dtype,
-                          num_classes=model.num_classes, collect=want_samples)
+                          num_classes=model.num_classes, collect=want_samples,
+                          progress=Bar("validate", enabled=is_main()))
         indices = _dataset_indices(loader, info.world_size) if want_samples else None
         if not is_main():
             return {}
@@ -287,7 +317,9 @@ def run_validate(argv: list[str]) -> dict[str, Any]:
               f"mean {list(dc.mean)}, std {list(dc.std)}; {precision.describe()} on {info.device}")
         if want_samples:
             samples = [(i, ds.path(i)) for i in indices] if indices is not None and hasattr(ds, "path") else None
-            summary.update(write_reports(opts, result, names, samples))
+            title = (f"{model_name}{' (EMA)' if opts.use_ema else ''} on {cfg.val_split}: top-1 {result['top1']:.2f}% "
+                     f"({result['num_images']} images)")
+            summary.update(write_reports(opts, result, names, samples, title))
         if opts.results_file:
             text = json.dumps(summary, indent=2)
             atomic_write(opts.results_file, lambda tmp: Path(tmp).write_text(text))
