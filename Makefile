@@ -1,28 +1,36 @@
-# The two set-up commands of the README: `make demo` and `make test`. Both create .venv when it is missing.
+# The two set-up commands of the README: `make demo` and `make test`. Both create .venv when it is missing;
+# `make demo` installs only what the demo needs (vitkit and its logging extras: curves.png, TensorBoard),
+# `make test` adds the test tools and the reference implementations (timm's and transformers' test models,
+# onnxruntime, pytest, ruff).
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo lint test test-slow bench clean
+.PHONY: demo lint test test-slow clean
 
-$(BIN)/vitkit: pyproject.toml
+$(VENV)/.demo-installed: pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --disable-pip-version-check -e ".[log]"
+	touch $@
+
+$(VENV)/.test-installed: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --disable-pip-version-check -e ".[test]"
-	touch $(BIN)/vitkit
+	touch $@ $(VENV)/.demo-installed
 
 # Train the built-in demo recipe (a small ViT on the CIFAR-10 sample in data/), then validate the result.
-demo: $(BIN)/vitkit
+demo: $(VENV)/.demo-installed
 	$(BIN)/vitkit demo
 
 # Lint and import order (ruff, configured in pyproject.toml); CI runs it before the tests.
-lint: $(BIN)/vitkit
+lint: $(VENV)/.test-installed
 	$(BIN)/ruff check .
 
 # The default suite: fast CPU tests. `make test-slow` runs the ones marked slow.
-test: $(BIN)/vitkit
+test: $(VENV)/.test-installed
 	$(BIN)/python -m pytest -q -n 2 --dist loadgroup
 
-test-slow: $(BIN)/vitkit
+test-slow: $(VENV)/.test-installed
 	$(BIN)/python -m pytest -q -m slow
 
 clean:

@@ -95,3 +95,13 @@ def test_data_never_receives_the_run_config() -> None:
     hits = [f"{p}:{i}" for p in (ROOT / "data").rglob("*.py")
             for i, line in enumerate(p.read_text().splitlines(), 1) if "cfg: Any" in line]
     assert not hits
+
+
+def test_cli_help_imports_no_torch() -> None:
+    """`vitkit --help` and a mistyped verb answer without loading torch (lazy `vitkit` package, issue 18)."""
+    code = ("import sys, contextlib, io; from vitkit.cli import main\n"
+            "with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):\n"
+            "    assert main(['--help']) == 0 and main(['trian']) == 2\n"
+            "import vitkit; print(sorted(m for m in ('torch', 'numpy', 'vitkit.models') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
