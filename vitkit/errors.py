@@ -21,6 +21,23 @@ class DataError(VitkitError):
     """A dataset that is missing, empty, or too broken to train on."""
 
 
+class UnknownModelError(VitkitError, KeyError):
+    """A model name that no accepted spelling resolves (`vitkit.models.registry.resolve_model`).
+
+    Also a KeyError, so code written against the registry's old bare KeyError still catches it; `str()` is the
+    plain one-line message (KeyError's own would be its quoted repr). `suggestions` are the closest registered
+    names, best first, in the spelling family of the name given.
+    """
+
+    def __init__(self, message: str, name: str = "", suggestions: tuple[str, ...] | list[str] = ()):
+        super().__init__(message)
+        self.name = name
+        self.suggestions = list(suggestions)
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
 def disk_full_message(e: OSError) -> str | None:
     """The one-line error for a write that failed because the disk (or the quota) is full, else None. Checkpoint
     writes say so themselves (`atomic_write`); this covers the small ones (metrics, logs) that hit it first

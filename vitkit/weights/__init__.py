@@ -6,11 +6,24 @@
 `load_weights` resolves `pretrained` (True = the name's default published source, a source tag of the name
 such as "tv_in1k", a local file or folder, an http(s)/file URL, or a hub id), detects the format and returns
 the tensors under our names with the architecture the source implies (`arch`, e.g. MindSpore's LayerNorm eps
-1e-7 and tanh GELU) and the preprocessing it states (`data`). `create_model` builds the architecture with
-those overrides (the caller's own arguments win) and `fit_weights` loads the tensors: a different number of
-classes gets a fresh head, a different input size a resampled position embedding, unexpected keys are
-reported, and anything else that does not fit (a missing tensor, a shape mismatch) is a WeightsError naming
-the key. Nothing ever falls back to random weights silently.
+1e-7 and tanh GELU) and the eval preprocessing that goes with them (`data`). `create_model` builds the
+architecture with those overrides (the caller's own arguments win) and `fit_weights` loads the tensors: a
+different number of classes gets a fresh head, a different input size a resampled position embedding,
+unexpected keys are reported, and anything else that does not fit (a missing tensor, a shape mismatch) is a
+WeightsError naming the key. Nothing ever falls back to random weights silently.
+
+Model names may be given in any spelling `vitkit.models.registry.resolve_model` accepts (`vit_b_32`,
+`vit_base_patch32_224`, ...). A timm spelling makes timm's weights the default (`pretrained=True`: timm's
+default tag, or the tag in `vit_base_patch32_224.augreg_in1k`); a tag the sources table does not know is a
+WeightsError, since it would also decide the preprocessing.
+
+Preprocessing (`data`, and `PretrainedWeights.data_config`) follows the weights, never only the model name:
+what the file states (timm hub config.json, preprocessor_config.json, a vitkit checkpoint) wins, then the
+sources-table entry the weights came from (`WeightSource`: by tag, hub id, URL or published file name), then
+the publisher's defaults for the detected format (`vitkit.weights.formats.format_data`: timm and Google .npz
+0.5/0.5 bicubic crop 0.9, torchvision ImageNet bilinear 224/256, transformers 0.5/0.5 bilinear no crop, MindCV
+ImageNet bicubic 0.875), and only what none of them says comes from the model's registered defaults. Settings
+the user gives explicitly (validate's `--mean`, `--crop_pct`, ...) are applied over the result by the verb.
 """
 from __future__ import annotations
 
@@ -25,10 +38,18 @@ import torch
 from vitkit.data.preprocess import DataConfig, resolve_data_config
 from vitkit.errors import WeightsError
 from vitkit.models import registry
+from vitkit.models.registry import ModelName
 from vitkit.models.vit import VisionTransformer, count_params, resample_pos_embed
 from vitkit.weights.download import download_url, hub_download
 from vitkit.weights.formats import Converted, read_file, read_folder
-from vitkit.weights.sources import WeightSource, find_source, sources_for
+from vitkit.weights.sources import (
+    WeightSource,
+    default_source,
+    find_source,
+    find_source_by_file,
+    find_source_by_location,
+    sources_for,
+)
 
 log = logging.getLogger("vitkit.weights")
 
@@ -51,7 +72,9 @@ class PretrainedWeights:
     source: WeightSource | None = None  # the sources-table entry, when resolved from one
 
     def data_config(self, spec: Any, img_size: int | None = None) -> DataConfig:
-        """Eval preprocessing: the source's statements over the model's registered defaults (`ModelSpec`)."""
+        """Eval preprocessing: the weights' (`data`: the file's statements, its source's, its format's; see the
+        module docstring) over the model's registered defaults (`ModelSpec`), at `img_size` (default: the
+        model's)."""
         d = self.data
         return resolve_data_config(spec, input_size=img_size or spec.arch.img_size, mean=d.get("mean"),
                                    std=d.get("std"), interpolation=d.get("interpolation"), crop_pct=d.get("crop_pct"))
@@ -86,9 +109,25 @@ def _short(keys: list[str], n: int = 6) -> str:
 
 
 def _from_converted(conv: Converted, origin: str, source: WeightSource | None = None) -> PretrainedWeights:
-    data = {**(source.data_hints() if source else {}), **conv.data}
+    """The file's own statements win, then the source's entry, then the format's defaults (`conv.data`)."""
+    hints = source.data_hints() if source else {}
+    data = {**conv.data, **{k: v for k, v in hints.items() if k not in conv.data_stated}}
     return PretrainedWeights(conv.state_dict, conv.format, origin, conv.arch, data, conv.class_names, conv.notes,
                              source)
+
+
+def resolve_model(name: str) -> ModelName:
+    """`vitkit.models.registry.resolve_model` (UnknownModelError for an unknown name), plus the check the
+    registry cannot make: a timm tag (`vit_base_patch32_224.TAG`) must be a timm source of the table."""
+    resolved = registry.resolve_model(name)
+    if resolved.tag is not None:
+        source = find_source(resolved.name, resolved.tag)
+        if source is None or source.format != "timm":
+            timm = registry.timm_name(resolved.name)
+            tags = [s.tag for s in sources_for(resolved.name) if s.format == "timm"]
+            known = f"known: {', '.join(f'{timm}.{t}' for t in tags)}" if tags else "no timm weights are known"
+            raise WeightsError(f"{name}: {resolved.tag!r} is not a timm tag vitkit knows for {timm} ({known})")
+    return resolved
 
 
 def _read_local(path: Path) -> Converted:
@@ -124,11 +163,14 @@ def _load_source(source: WeightSource) -> PretrainedWeights:
 
 def load_weights(pretrained: bool | str | Path | PretrainedWeights, *,
                  model_name: str | None = None) -> PretrainedWeights:
-    """Resolve and read `pretrained` (see the module docstring); every failure is a WeightsError."""
+    """Resolve and read `pretrained` for `model_name` (any accepted spelling; see the module docstring). An
+    unknown name is an UnknownModelError, every other failure a WeightsError."""
     if isinstance(pretrained, PretrainedWeights):
         return pretrained
+    resolved = resolve_model(model_name) if model_name else None
+    name = resolved.name if resolved else None
     if pretrained is True:
-        source = find_source(model_name) if model_name else None
+        source = default_source(name, family=resolved.family, tag=resolved.tag) if resolved else None
         if source is None:
             raise WeightsError(f"no published weights are known for {model_name!r}; pass a file, folder, URL or "
                                f"hub id as pretrained=")
@@ -136,17 +178,23 @@ def load_weights(pretrained: bool | str | Path | PretrainedWeights, *,
     if not isinstance(pretrained, (str, Path)) or not str(pretrained):
         raise WeightsError(f"pretrained must be True, a path, a URL or a hub id, not {pretrained!r}")
     text = str(pretrained)
-    if model_name and (source := find_source(model_name, text)) is not None:
+    if name and (source := find_source(name, text)) is not None:
         return _load_source(source)
     path = Path(text).expanduser()
     if path.exists():
-        return _from_converted(_read_local(path), str(path))
+        conv = _read_local(path)
+        source = None if path.is_dir() else find_source_by_file(path.name)
+        if source is not None and source.format != conv.format:
+            source = None  # a file that merely shares a published name: its content decides
+        return _from_converted(conv, str(path), source)
+    if (source := find_source_by_location(text, name)) is not None:
+        return _load_source(source)
     if _URL.fullmatch(text):
         return _from_converted(read_file(download_url(text)), text)
     hub = _HUB_ID.fullmatch(text)
     if hub and not text.endswith(_WEIGHT_SUFFIXES):
         return _from_converted(_read_hub(hub.group(1), hub.group(2)), text)
-    tags = [s.tag for s in sources_for(model_name)] if model_name else []
+    tags = [s.tag for s in sources_for(name)] if name else []
     hint = f" Known sources of {model_name}: {', '.join(tags)}." if tags else ""
     raise WeightsError(f"pretrained={text!r}: no such file or folder, and not a URL or hub id.{hint}")
 
@@ -229,19 +277,23 @@ def load_pretrained(model: VisionTransformer, name: str | None, pretrained: bool
 
 
 __all__ = ["PretrainedWeights", "FitReport", "load_weights", "fit_weights", "load_pretrained", "sources_for",
-           "WeightSource"]
+           "WeightSource", "resolve_model"]
 
 
-def create_model(name: str, *, pretrained: bool | str = False, num_classes: int | None = None,
-                 img_size: int | None = None, **overrides: Any) -> VisionTransformer:
-    """Build a registered model; `pretrained` is True (the name's default source), a path, URL or hub id.
+def create_model(name: str, *, pretrained: bool | str | Path | PretrainedWeights = False,
+                 num_classes: int | None = None, img_size: int | None = None, **overrides: Any) -> VisionTransformer:
+    """Build a registered model (any spelling `vitkit.models.registry.resolve_model` accepts); `pretrained`
+    is True (the name's default source), a source tag, a path, URL or hub id.
 
     With pretrained weights, a different `num_classes` gets a fresh head and a different `img_size` a
-    resampled position embedding; anything else that does not fit is an error naming the key.
+    resampled position embedding; anything else that does not fit is an error naming the key. An unknown
+    name is an UnknownModelError, an unknown timm tag (`vit_base_patch32_224.TAG`) a WeightsError.
     """
+    resolved = resolve_model(name)
+    name = resolved.name
     if not pretrained:
         return registry.create_model(name, num_classes=num_classes, img_size=img_size, **overrides)
-    weights = load_weights(pretrained, model_name=name)
+    weights = load_weights(pretrained, model_name=resolved.given)
     arch = dict(weights.arch)  # the source's numerics and head size; the caller's own arguments win
     source_classes = arch.pop("num_classes", None)
     num_classes = source_classes if num_classes is None else num_classes
@@ -259,10 +311,14 @@ def create_model(name: str, *, pretrained: bool | str = False, num_classes: int 
 
 
 def model_info(name: str) -> dict[str, Any]:
-    """One row of `vitkit models`: what a user needs to know about a name."""
+    """One row of `vitkit models`: what a user needs to know about a name (any accepted spelling; a timm
+    spelling shows timm's preprocessing)."""
     spec = registry.get_spec(name)
+    name = spec.name
     return {
         "name": name,
+        "aliases": registry.aliases(name)[1:],
+        "timm_name": registry.timm_name(name),
         "input_size": spec.input_size,
         "patch_size": spec.arch.patch_size,
         "embed_dim": spec.arch.embed_dim,

@@ -1,10 +1,28 @@
 """Every published ViT weight format -> a state dict under vitkit's (= timm's) parameter names.
 
 Each reader returns a `Converted`: the tensors renamed to our keys, the architecture the source implies
-(`arch`: e.g. MindSpore's LayerNorm eps 1e-7 and tanh GELU, Hugging Face's eps 1e-12), the preprocessing it
-states (`data`: mean/std/crop_pct/interpolation/input_size) and notes on what was dropped. Keys that have no
+(`arch`: e.g. MindSpore's LayerNorm eps 1e-7 and tanh GELU, Hugging Face's eps 1e-12), the eval preprocessing
+(`data`: mean/std/crop_pct/interpolation/input_size) and notes on what was dropped. Keys that have no
 counterpart in our model keep their source names, so fitting reports them as unexpected instead of losing
 them silently.
+
+`data` is what the file states (a timm hub config.json's pretrained_cfg, a preprocessor_config.json, a vitkit
+checkpoint's data_config; those keys are listed in `data_stated`) over the preprocessing its publisher uses
+for that format (`format_data`), so weights are never evaluated with another source's statistics:
+  timm         mean = std = 0.5, bicubic, crop_pct 0.9, 1.0 at >= 384 px: timm's `_cfg` defaults for ViT, which
+               every timm tag of our architectures uses (timm 1.0.31 `default_cfgs`; the MAE/DINO tags, with
+               ImageNet statistics, are not in our sources table). Only for tensors shaped like a timm ViT
+               (width and patch of one of timm's vit_{tiny..huge}_patch*): a plain state dict of vitkit's own
+               small models has the same key names and keeps its model's registered preprocessing.
+  jax          Google's .npz: the same as timm, which is what timm's cfgs for those very .npz URLs say.
+  torchvision  ImageNet mean/std; IMAGENET1K_V1 (the DEFAULT weights of vit_b_16/b_32/l_16/l_32): bilinear,
+               crop 224/256 (vit_l_16: 224/242); SWAG (inputs above 224 px, and every vit_h_14): bicubic, no
+               crop (`ViT_*_Weights.transforms()`, torchvision 0.29). SWAG linear-classifier weights of
+               vit_b_16/l_16 at 224 px look like V1 ones; a file under its published name is recognised by it.
+  transformers mean = std = 0.5, resized straight to the input size (crop_pct 1.0), bilinear: ViTImageProcessor's
+               defaults (transformers 5.x: size 224, resample BILINEAR, image_mean/std 0.5).
+  mindcv       ImageNet mean/std, crop_pct 0.875, bicubic (see `vitkit.weights.sources`).
+  vitkit       its own data_config, nothing added.
 
 Formats:
   vitkit       our own safetensors checkpoint (vitkit.engine.checkpoint), with its arch and preprocessing
@@ -18,6 +36,7 @@ Untrusted pickles are never executed: `.pth`/`.bin` go through `torch.load(weigh
 from __future__ import annotations
 
 import json
+import math
 import re
 import zipfile
 from collections.abc import Mapping
@@ -28,7 +47,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from vitkit.constants import IMAGENET_MEAN, IMAGENET_STD
 from vitkit.errors import WeightsError
+from vitkit.models import registry
+from vitkit.models.registry import INCEPTION_MEAN, INCEPTION_STD
 from vitkit.weights.mindspore_ckpt import read_mindspore_ckpt
 
 # The prefix of the EMA copy's tensors in a vitkit checkpoint (written by engine/checkpoint.py).
@@ -42,8 +64,6 @@ ARCH_FIELDS = ("num_classes", "num_heads", "qkv_bias", "qk_norm", "init_values",
 # MindSpore defaults that MindCV's ViT inherits: nn.LayerNorm(epsilon=1e-7) and nn.GELU(approximate=True),
 # i.e. the tanh approximation (tests/data/mindcv_vit_tiny.json, numerics_notes).
 MINDCV_ARCH = {"norm_eps": 1e-7, "act": "gelu_tanh"}
-# Google's ViT / AugReg / big_vision models take inputs scaled to [-1, 1] (timm: IMAGENET_INCEPTION_MEAN/STD).
-JAX_DATA = {"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)}
 
 
 @dataclass
@@ -53,9 +73,67 @@ class Converted:
     state_dict: dict[str, torch.Tensor]
     format: str
     arch: dict[str, Any] = field(default_factory=dict)
-    data: dict[str, Any] = field(default_factory=dict)
+    data: dict[str, Any] = field(default_factory=dict)  # the file's statements over its format's defaults
     class_names: list[str] | None = None
     notes: list[str] = field(default_factory=list)
+    data_stated: frozenset[str] = frozenset()  # keys of `data` the file itself stated (the rest: format_data)
+
+
+# -- the preprocessing each format's publisher uses (module docstring) -------------------------------------------
+
+# (width, patch) of timm's vit_{tiny,small,base,large,huge}_patch* models: the registered names with a timm name.
+_TIMM_SHAPES = {(registry.get_spec(n).arch.embed_dim, registry.get_spec(n).arch.patch_size)
+                for n in registry.list_models() if registry.timm_name(n)}
+
+
+def weights_img_size(sd: Mapping[str, torch.Tensor]) -> int | None:
+    """The input size the position embedding was made for (patch grid x patch size), None if it cannot be told."""
+    pos, proj = sd.get("pos_embed"), sd.get("patch_embed.proj.weight")
+    if pos is None or proj is None or pos.ndim != 3 or proj.ndim != 4:
+        return None
+    for prefix in dict.fromkeys((1 if "cls_token" in sd else 0, 0)):
+        tokens = pos.shape[1] - prefix
+        grid = math.isqrt(max(tokens, 0))
+        if tokens > 0 and grid * grid == tokens:
+            return grid * int(proj.shape[-1])
+    return None
+
+
+def format_data(fmt: str, sd: Mapping[str, torch.Tensor], *, timm_hub: bool = False) -> dict[str, Any]:
+    """The eval preprocessing the publisher of `fmt` weights uses, read off the tensors (`sd`, our key names)
+    where it depends on the model (input size, width); {} for vitkit checkpoints and for timm-named tensors
+    that are not shaped like any timm ViT (vitkit's own small models), unless they came from a timm hub
+    folder (`timm_hub`)."""
+    img = weights_img_size(sd)
+    proj = sd.get("patch_embed.proj.weight")
+    width, patch = (int(proj.shape[0]), int(proj.shape[-1])) if proj is not None and proj.ndim == 4 else (0, 0)
+    data: dict[str, Any]
+    if fmt in ("timm", "jax"):
+        if fmt == "timm" and not timm_hub and (width, patch) not in _TIMM_SHAPES:
+            return {}
+        data = {"mean": INCEPTION_MEAN, "std": INCEPTION_STD, "interpolation": "bicubic",
+                "crop_pct": 1.0 if (img or 0) >= 384 else 0.9}
+    elif fmt == "torchvision":
+        swag = (img or 0) > 224 or width == 1280  # SWAG E2E fine-tunes at 384/512/518; vit_h_14 has SWAG only
+        data = {"mean": IMAGENET_MEAN, "std": IMAGENET_STD, "interpolation": "bicubic" if swag else "bilinear",
+                "crop_pct": 1.0 if swag else 224 / (242 if (width, patch) == (1024, 16) else 256)}
+    elif fmt == "transformers":
+        data = {"mean": INCEPTION_MEAN, "std": INCEPTION_STD, "interpolation": "bilinear", "crop_pct": 1.0}
+    elif fmt == "mindcv":
+        data = {"mean": IMAGENET_MEAN, "std": IMAGENET_STD, "interpolation": "bicubic", "crop_pct": 0.875}
+    else:
+        return {}
+    if img:
+        data["input_size"] = img
+    return data
+
+
+def _converted(sd: dict[str, torch.Tensor], fmt: str, stated: Mapping[str, Any] | None = None, *,
+               timm_hub: bool = False, **kw: Any) -> Converted:
+    """A Converted whose `data` is the file's statements (`stated`) over `format_data`."""
+    stated = dict(stated or {})
+    data = {**format_data(fmt, sd, timm_hub=timm_hub), **stated}
+    return Converted(sd, fmt, data=data, data_stated=frozenset(stated), **kw)
 
 
 # -- generic helpers ------------------------------------------------------------------------------------------
@@ -135,7 +213,7 @@ def from_torchvision(sd: Mapping[str, torch.Tensor]) -> Converted:
     out = _rename(sd, _TORCHVISION_RULES)
     notes = ["heads.pre_logits (representation layer) has no counterpart; reported as unexpected"] \
         if "heads.pre_logits.weight" in sd else []
-    return Converted(out, "torchvision", arch=infer_arch(out), notes=notes)
+    return _converted(out, "torchvision", arch=infer_arch(out), notes=notes)
 
 
 # -- Hugging Face transformers ----------------------------------------------------------------------------------
@@ -197,22 +275,38 @@ def from_transformers(sd: Mapping[str, torch.Tensor], config: Mapping[str, Any] 
                 class_names = [str(x) for x in labels]
     notes = ["pooler (ViTModel's tanh pooler) is not part of ViTForImageClassification; reported as unexpected"] \
         if any("pooler." in k for k in sd) else []
-    return Converted(out, "transformers", arch=arch, data=data, class_names=class_names, notes=notes)
+    return _converted(out, "transformers", data, arch=arch, class_names=class_names, notes=notes)
+
+
+# PIL.Image.Resampling codes, as preprocessor_config.json stores them
+_PIL_RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "area"}
 
 
 def _hf_preprocessor(path: Path) -> dict[str, Any]:
-    """Preprocessing from preprocessor_config.json (ViTImageProcessor resizes straight to size: crop_pct 1)."""
+    """Preprocessing from preprocessor_config.json. ViTImageProcessor resizes straight to `size` (crop_pct 1);
+    processors with do_center_crop resize to `size` and crop `crop_size` (crop_pct = crop / resize)."""
     file = path / "preprocessor_config.json"
     if not file.is_file():
         return {}
-    cfg = json.loads(file.read_text())
+    try:
+        cfg = json.loads(file.read_text())
+    except (OSError, ValueError) as e:
+        raise WeightsError(f"{file} is not readable JSON ({e})") from None
     data: dict[str, Any] = {}
-    if "image_mean" in cfg:
+    if cfg.get("do_normalize") is False:
+        data["mean"], data["std"] = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
+    elif "image_mean" in cfg:
         data["mean"], data["std"] = tuple(cfg["image_mean"]), tuple(cfg["image_std"])
     size = cfg.get("size")
-    if isinstance(size, dict) and "height" in size:
-        data["input_size"], data["crop_pct"] = int(size["height"]), 1.0
-    resample = {2: "bilinear", 3: "bicubic"}.get(cfg.get("resample"))  # PIL.Image.Resampling codes
+    side = size if isinstance(size, int) else (size.get("height") or size.get("shortest_edge")) \
+        if isinstance(size, dict) else None
+    if side:
+        data["input_size"], data["crop_pct"] = int(side), 1.0
+        crop = cfg.get("crop_size")
+        crop = crop if isinstance(crop, int) else crop.get("height") if isinstance(crop, dict) else None
+        if cfg.get("do_center_crop") and crop:
+            data["input_size"], data["crop_pct"] = int(crop), int(crop) / int(side)
+    resample = _PIL_RESAMPLE.get(cfg.get("resample"))
     if resample:
         data["interpolation"] = resample
     return data
@@ -282,7 +376,7 @@ def from_jax(w: Mapping[str, np.ndarray]) -> Converted:
     if num_heads:
         arch["num_heads"] = int(num_heads)
     notes = ["pre_logits (representation layer) dropped, as timm does"] if prefix + "pre_logits/kernel" in w else []
-    return Converted(out, "jax", arch=arch, data=dict(JAX_DATA), notes=notes)
+    return _converted(out, "jax", arch=arch, notes=notes)
 
 
 # -- MindCV (MindSpore) -----------------------------------------------------------------------------------------
@@ -320,7 +414,7 @@ def from_mindcv(sd: Mapping[str, torch.Tensor]) -> Converted:
         out[f"{m.group(1)}.{'weight' if m.group(2) == 'gamma' else 'bias'}" if m else key] = value
     notes = [f"{len(state)} optimizer/training-state tensors ignored"] if state else []
     arch = {**infer_arch(out), **MINDCV_ARCH}
-    return Converted(out, "mindcv", arch=arch, notes=notes)
+    return _converted(out, "mindcv", arch=arch, notes=notes)
 
 
 # -- timm and vitkit ---------------------------------------------------------------------------------------------
@@ -347,7 +441,7 @@ def from_timm(sd: Mapping[str, torch.Tensor], config: Mapping[str, Any] | None =
                 data[key] = pcfg[key]
         if "input_size" in pcfg:
             data["input_size"] = int(pcfg["input_size"][-1])
-    return Converted(out, "timm", arch=arch, data=data, notes=notes)
+    return _converted(out, "timm", data, timm_hub=bool(config), arch=arch, notes=notes)
 
 
 def _detect_and_convert(sd: dict[str, torch.Tensor], origin: str) -> Converted:
@@ -401,9 +495,9 @@ def _from_vitkit(sd: dict[str, torch.Tensor], meta: dict[str, str]) -> Converted
     weights = {k: v for k, v in sd.items() if not k.startswith(EMA_PREFIX)}
     data = json.loads(meta.get("data_config") or "{}")
     notes = ["EMA weights present; the raw weights were loaded"] if len(weights) < len(sd) else []
-    return Converted(weights, "vitkit", arch={k: arch_all[k] for k in ARCH_FIELDS if k in arch_all},
-                     data={k: tuple(v) if isinstance(v, list) else v for k, v in data.items()},
-                     class_names=json.loads(meta.get("class_names") or "null"), notes=notes)
+    return _converted(weights, "vitkit", {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()},
+                      arch={k: arch_all[k] for k in ARCH_FIELDS if k in arch_all},
+                      class_names=json.loads(meta.get("class_names") or "null"), notes=notes)
 
 
 def _sniff(path: Path) -> str:
@@ -462,7 +556,9 @@ def read_folder(path: str | Path) -> Converted:
         sd = _torch_load(weights)
     if config.get("model_type") == "vit":
         conv = from_transformers(sd, config)
-        conv.data.update(_hf_preprocessor(path))
+        stated = _hf_preprocessor(path)  # preprocessor_config.json beside the weights wins over the defaults
+        conv.data.update(stated)
+        conv.data_stated = conv.data_stated | frozenset(stated)
         return conv
     if "architecture" in config:
         return from_timm(sd, config)

@@ -12,14 +12,22 @@ Every fact here was read from the publisher's own code or documentation:
     ImageNet mean/std); the 910v2 file from its MindSpore Hub card (top-1 77.53, "asset-sha256: a2165e72").
 Entries with `verified=False` are published but their layout was mapped from source code only (no file of
 that layout was loaded); see `note`.
+
+How a source is chosen: `pretrained=True` takes a name's first source, or for a timm spelling of the name
+(`vit_base_patch32_224`) its first timm source (timm's own default tag; checked against timm's registry by
+tests/test_names.py), or for `vit_base_patch32_224.TAG` the source with that tag; `pretrained="TAG"` picks
+one by tag, a hub id or URL of the table picks that entry, and a local file whose name is a published file
+name (`vit_b_16_lc_swag-4e70ced5.pth`) is recognised by it (`find_source_by_file`), so it gets that
+source's preprocessing rather than only its format's (`vitkit.weights.formats.format_data`).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import PurePosixPath
+from urllib.parse import unquote, urlparse
 
 from vitkit.constants import IMAGENET_MEAN, IMAGENET_STD
-
-INCEPTION_MEAN = INCEPTION_STD = (0.5, 0.5, 0.5)
+from vitkit.models.registry import INCEPTION_MEAN, INCEPTION_STD
 
 
 @dataclass(frozen=True)
@@ -193,3 +201,32 @@ def find_source(name: str, tag: str | None = None) -> WeightSource | None:
     if tag is None:
         return sources[0] if sources else None
     return next((s for s in sources if s.tag == tag), None)
+
+
+def default_source(name: str, *, family: str = "vitkit", tag: str | None = None) -> WeightSource | None:
+    """The source `pretrained=True` means for a resolved name (`vitkit.models.registry.ModelName`): the tag's,
+    else the first timm source for a timm spelling, else the name's first source; None if there is none."""
+    if tag is not None:
+        return find_source(name, tag)
+    sources = sources_for(name)
+    if family == "timm":
+        timm = [s for s in sources if s.format == "timm"]
+        sources = timm or sources
+    return sources[0] if sources else None
+
+
+def find_source_by_location(location: str, name: str | None = None) -> WeightSource | None:
+    """The entry whose hub id or URL is `location` (among `name`'s sources when given)."""
+    names = [name] if name else list(SOURCES)
+    return next((s for n in names for s in sources_for(n) if s.location == location), None)
+
+
+def _file_name(location: str) -> str:
+    return PurePosixPath(unquote(urlparse(location).path)).name if "://" in location else ""
+
+
+def find_source_by_file(filename: str) -> WeightSource | None:
+    """The URL entry whose published file name is `filename` (`vit_b_32-d86f8d99.pth`), or None."""
+    if not filename:
+        return None
+    return next((s for sources in SOURCES.values() for s in sources if _file_name(s.location) == filename), None)
