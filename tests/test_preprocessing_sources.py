@@ -275,3 +275,24 @@ def test_validate_and_predict_use_the_weights_preprocessing_and_explicit_setting
     im = load_inference_model(str(path), model_name="vit_tiny_patch16_224")
     assert (im.data_config.mean, im.data_config.crop_pct, im.data_config.interpolation) == \
         ((0.5, 0.5, 0.5), 0.9, "bicubic")
+
+
+# -- training follows the weights too ----------------------------------------------------------------------------
+
+def test_finetuning_from_timm_weights_trains_and_evaluates_with_timm_preprocessing(tmp_path):
+    """`vitkit train --pretrained <timm file>`: the trainer's eval preprocessing (what validation during training
+    and the saved checkpoint use) is timm's, not the registry's ImageNet/0.875; a setting in the config wins."""
+    timm = pytest.importorskip("timm")
+    from vitkit.engine.config import resolve
+    from vitkit.engine.loop import Trainer
+
+    path = _save_safetensors(timm.create_model("vit_tiny_patch16_224", pretrained=False).state_dict(),
+                             tmp_path / "timm.safetensors")
+    base = ["--model", "vit_ti_16_224", "--pretrained", str(path), "--dataset", "imagefolder", "--data_dir",
+            str(Path(__file__).resolve().parents[1] / "data" / "cifar10_sample"), "--val_split", "test",
+            "--num_samples", "20", "--batch_size", "4", "--device", "cpu"]
+    trainer = Trainer(resolve([*base, "--ckpt_save_dir", str(tmp_path / "a")], notices=[]))
+    dc = trainer.data_config
+    assert (dc.mean, dc.std, dc.crop_pct, dc.interpolation) == (*HALF, 0.9, "bicubic")
+    trainer = Trainer(resolve([*base, "--crop_pct", "0.95", "--ckpt_save_dir", str(tmp_path / "b")], notices=[]))
+    assert trainer.data_config.crop_pct == 0.95 and trainer.data_config.mean == HALF[0]

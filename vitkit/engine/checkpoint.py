@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from vitkit.data.preprocess import DataConfig
@@ -33,6 +33,9 @@ from vitkit.models.vit import ViTConfig, VisionTransformer
 from vitkit.weights.formats import EMA_PREFIX
 
 FORMAT_VERSION = "1"
+# What `--resume` reads from a training state, with its type (checked on load, before any of it is used).
+TRAIN_STATE_FIELDS: dict[str, Any] = {"step": int, "steps_per_epoch": int, "optimizer": dict, "schedule": dict,
+                                      "rollbacks": int, "epoch_meter": dict, "rng": dict, "scaler": dict}
 
 
 @dataclass
@@ -116,8 +119,6 @@ def state_path(path: str | Path) -> Path:
 
 def read_metadata(path: str | Path) -> dict[str, str] | None:
     """The safetensors header metadata, or None when the file is not a safetensors file."""
-    from safetensors import safe_open
-
     try:
         with safe_open(str(path), framework="pt") as f:
             return f.metadata() or {}
@@ -130,8 +131,52 @@ def is_vitkit_checkpoint(path: str | Path) -> bool:
     return bool(meta) and meta.get("format") == "vitkit"  # type: ignore[union-attr]
 
 
-def load_checkpoint(path: str | Path) -> Checkpoint:
-    """Read a vitkit checkpoint; a missing, truncated or foreign file is a one-line WeightsError."""
+def _field(path: Path, meta: dict[str, str], key: str, kind: type, default: Any = None) -> Any:
+    """One metadata entry, parsed (JSON, or an integer) and of type `kind`; anything else names the key."""
+    if key not in meta:
+        if default is not None or kind is type(None):
+            return default
+        raise WeightsError(f"{path}: the checkpoint's metadata has no '{key}' (a damaged or hand-edited file)")
+    try:
+        value = int(meta[key]) if kind is int else json.loads(meta[key])
+    except (ValueError, TypeError, RecursionError):
+        raise WeightsError(f"{path}: metadata '{key}' is not valid {'an integer' if kind is int else 'JSON'} "
+                           f"(a damaged or hand-edited file)") from None
+    if not isinstance(value, kind) and not (value is None and default is None):
+        raise WeightsError(f"{path}: metadata '{key}' is a {type(value).__name__}, expected {kind.__name__}")
+    return value
+
+
+def _check_tensors(path: Path, arch: ViTConfig, shapes: dict[str, tuple[int, ...]], dtypes: dict[str, str]) -> None:
+    """The file's tensors against its architecture, from the header alone: nothing is allocated before the
+    shapes are known to be the ones a model of `arch` has (a header claiming a 51 GB model fails here)."""
+    blocks = {k.split(".")[1] for k in shapes if k.startswith("blocks.")}
+    width = shapes.get("patch_embed.proj.weight", (None,))[0]
+    if len(blocks) != arch.depth or width != arch.embed_dim:
+        raise WeightsError(f"{path}: its tensors are a {len(blocks)}-block, {width}-wide model but its metadata "
+                           f"says depth {arch.depth}, embed_dim {arch.embed_dim} (tensors of another model?)")
+    with torch.device("meta"):  # shapes only: no memory, no init
+        expected = {k: tuple(v.shape) for k, v in VisionTransformer(arch).state_dict().items()}
+    for key in sorted(expected.keys() | shapes.keys()):
+        if expected.get(key) != shapes.get(key):
+            raise WeightsError(f"{path}: tensor {key} is {shapes.get(key, 'missing')}, a {arch.embed_dim}-wide "
+                               f"model of this architecture has {expected.get(key, 'none')} (tensors of another "
+                               f"model under this metadata?)")
+        if not dtypes[key].startswith(("F", "BF")):
+            raise WeightsError(f"{path}: tensor {key} is {dtypes[key]}, not floating point")
+
+
+def _check_finite(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    for key, t in tensors.items():
+        if not torch.isfinite(t).all():
+            raise WeightsError(f"{path}: tensor {key} holds NaN or infinite values (the run diverged before this "
+                               f"save?); pass --allow_nonfinite to load it anyway for inspection")
+
+
+def load_checkpoint(path: str | Path, *, allow_nonfinite: bool = False) -> Checkpoint:
+    """Read a vitkit checkpoint, checking every field before it is used: a missing, truncated, foreign or
+    inconsistent file (metadata that is not JSON, tensors of another model, NaN weights) is a one-line
+    WeightsError naming the file."""
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"checkpoint {path} does not exist")
@@ -141,24 +186,38 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     if meta.get("format") != "vitkit":
         raise WeightsError(f"{path} is not a vitkit checkpoint; load foreign weights with --pretrained {path} "
                            f"or convert them with `vitkit convert`")
+    model_name = meta.get("model_name")
+    if not model_name:
+        raise WeightsError(f"{path}: the checkpoint's metadata has no 'model_name' (a damaged or hand-edited file)")
+    try:
+        arch = ViTConfig(**_field(path, meta, "arch", dict))
+        data_config = DataConfig.from_dict(_field(path, meta, "data_config", dict))
+    except (TypeError, ValueError) as e:
+        raise WeightsError(f"{path}: its metadata describes no valid model ({e})") from None
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+            dtypes = {k: f.get_slice(k).get_dtype() for k in f.keys()}
+    except (SafetensorError, OSError) as e:
+        raise WeightsError(f"{path} could not be read ({e}); the file is truncated or corrupt") from None
+    own = {k: v for k, v in shapes.items() if not k.startswith(EMA_PREFIX)}
+    _check_tensors(path, arch, own, dtypes)
+    if len(own) < len(shapes):
+        _check_tensors(path, arch, {k[len(EMA_PREFIX):]: v for k, v in shapes.items() if k.startswith(EMA_PREFIX)},
+                       {k[len(EMA_PREFIX):]: v for k, v in dtypes.items() if k.startswith(EMA_PREFIX)})
     try:
         tensors = load_file(str(path))
     except (SafetensorError, OSError) as e:
         raise WeightsError(f"{path} could not be read ({e}); the file is truncated or corrupt") from None
+    if not allow_nonfinite:
+        _check_finite(path, tensors)
     ema = {k[len(EMA_PREFIX):]: v for k, v in tensors.items() if k.startswith(EMA_PREFIX)}
     state = {k: v for k, v in tensors.items() if not k.startswith(EMA_PREFIX)}
     return Checkpoint(
-        path=path,
-        model_name=meta["model_name"],
-        arch=ViTConfig(**json.loads(meta["arch"])),
-        data_config=DataConfig.from_dict(json.loads(meta["data_config"])),
-        state_dict=state,
-        ema_state_dict=ema or None,
-        class_names=json.loads(meta.get("class_names", "null")),
-        config=json.loads(meta.get("config", "{}")),
-        epoch=int(meta.get("epoch", 0)),
-        step=int(meta.get("step", 0)),
-        metrics=json.loads(meta.get("metrics", "{}")),
+        path=path, model_name=model_name, arch=arch, data_config=data_config, state_dict=state,
+        ema_state_dict=ema or None, class_names=_field(path, meta, "class_names", list),
+        config=_field(path, meta, "config", dict, {}), epoch=_field(path, meta, "epoch", int, 0),
+        step=_field(path, meta, "step", int, 0), metrics=_field(path, meta, "metrics", dict, {}),
     )
 
 
@@ -176,6 +235,10 @@ def load_train_state(path: str | Path) -> dict[str, Any]:
     if not _same_pair(path, state):
         raise VitkitError(f"{sp} belongs to another save than {path} (a save was interrupted between the two "
                           f"files); resume from the run's prev.safetensors or an epoch checkpoint instead")
+    for key, kind in TRAIN_STATE_FIELDS.items():
+        if not isinstance(state.get(key), kind):
+            raise VitkitError(f"{sp}: '{key}' is {'missing' if key not in state else type(state[key]).__name__}, "
+                              f"expected {getattr(kind, '__name__', kind)} (a damaged or foreign training state)")
     return state
 
 

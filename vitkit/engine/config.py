@@ -23,6 +23,7 @@ import functools
 import json
 import math
 import re
+import reprlib
 import sys
 import time
 import types
@@ -325,11 +326,24 @@ def _set(values: dict[str, Any], key: str, value: Any, source: str, notices: lis
     if key in EMPTY_MEANS_NONE and value in (None, ""):  # MindCV's `ckpt_path: ''`, `--ckpt_path ""`
         value = FIELDS[key].default
     tp = _HINTS[key]
-    ok, converted = _coerce(value, tp)
-    if not ok:
-        raise ConfigError(f"config key '{key}' ({source}): expected {_type_name(tp)}, got {value!r}")
+    try:
+        ok, converted = _coerce(value, tp)
+    except RecursionError:  # a 5000-deep YAML list
+        ok = False
+    if not ok:  # reprlib: an alias bomb's value is never expanded into the message
+        raise ConfigError(f"config key '{key}' ({source}): expected {_type_name(tp)}, got {_short_repr(value)}")
+    if isinstance(converted, str) and "\x00" in converted:
+        raise ConfigError(f"config key '{key}' ({source}): a NUL character in {_short_repr(converted)}")
     values[key] = converted
     values.setdefault("sources", {})[key] = source
+
+
+def _short_repr(value: Any) -> str:
+    """At most ~80 characters of `value`, whatever its size or nesting (reprlib never expands it all)."""
+    r = reprlib.Repr()
+    r.maxstring, r.maxother, r.maxlevel, r.maxlist = 60, 60, 2, 4
+    text = r.repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _parse_cli_value(text: str, key: str = "") -> Any:
@@ -458,6 +472,8 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"config file {str(p)!r} cannot be read ({why})") from None
     try:
         data = yaml.safe_load(text) or {}
+    except RecursionError:
+        raise ConfigError(f"config file {str(p)!r} nests too deeply to be a recipe") from None
     except yaml.YAMLError as e:  # one line: where and what (str(e) spans several lines)
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -551,6 +567,9 @@ def from_dict(values: dict[str, Any], source: str = "checkpoint") -> Config:
     return Config(**out)
 
 
+MAX_IMAGE_SIZE = 4096  # px: beyond any published ViT (448-518 px); a typo of 100000 would allocate ~300 GB
+
+
 def validate(cfg: Config) -> Config:
     """Choices and ranges; raises ConfigError naming the key."""
     for name, f in FIELDS.items():
@@ -566,8 +585,18 @@ def validate(cfg: Config) -> Config:
             raise ConfigError(f"config key '{key}': {msg} (got {getattr(cfg, key)!r})")
 
     need(cfg.lr > 0, "lr", "must be > 0")
-    need(-2**63 <= cfg.seed < 2**64, "seed", "must fit in 64 bits")
-    need(cfg.min_lr >= 0, "min_lr", "must be >= 0")
+    need(0 <= cfg.seed < 2**32, "seed", "must be between 0 and 2**32 - 1")
+    need(0 <= cfg.min_lr <= cfg.lr, "min_lr", f"must be between 0 and lr ({cfg.lr:g}); the lr decays to it")
+    need(0 <= cfg.warmup_factor <= 1, "warmup_factor", "must be in [0, 1]: warmup starts at lr * warmup_factor")
+    need(cfg.decay_rate > 0, "decay_rate", "must be > 0")
+    need(cfg.power is None or cfg.power > 0, "power", "must be > 0")
+    need(cfg.num_cycles >= 1, "num_cycles", "must be >= 1")
+    need(cfg.cycle_decay > 0, "cycle_decay", "must be > 0")
+    need(cfg.clip_value > 0, "clip_value", "must be > 0 (a gradient-norm limit)")
+    need(cfg.eps > 0, "eps", "must be > 0")
+    need(0 <= cfg.momentum < 1, "momentum", "must be in [0, 1)")
+    need(cfg.beta2 is None or 0 <= cfg.beta2 < 1, "beta2", "must be in [0, 1)")
+    need(cfg.image_resize <= MAX_IMAGE_SIZE, "image_resize", f"must be at most {MAX_IMAGE_SIZE}")
     need(cfg.batch_size >= 1, "batch_size", "must be >= 1")
     need(cfg.epoch_size >= 1, "epoch_size", "must be >= 1")
     need(0 <= cfg.warmup_epochs <= cfg.epoch_size, "warmup_epochs", f"must be between 0 and epoch_size "

@@ -1,6 +1,7 @@
 """The one place that maps run-config fields (`vitkit.engine.config.Config`) to the data builders' keywords."""
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from vitkit.data.augment import Mixup, build_mixup
@@ -15,10 +16,17 @@ def dataset_from_config(cfg: Config, split: str, *, train: bool) -> ImageDataset
                          num_samples=cfg.num_samples, seed=cfg.seed, train_split=cfg.train_split)
 
 
-def data_config_from_config(cfg: Config, spec: Any) -> DataConfig:
-    """Eval preprocessing: the config's values where set, the model's (`spec`) elsewhere."""
-    return resolve_data_config(spec, input_size=cfg.image_resize, mean=cfg.mean, std=cfg.std,
-                               interpolation=cfg.interpolation, crop_pct=cfg.crop_pct)
+def data_config_from_config(cfg: Config, spec: Any, weights_data: Mapping[str, Any] | None = None) -> DataConfig:
+    """Eval preprocessing: the config's values where set, then what the pretrained weights' source states
+    (`weights_data`: timm's mean/std 0.5 and crop 0.9, torchvision's ImageNet statistics, ...), then the
+    model's (`spec`)."""
+    stated = weights_data or {}
+
+    def pick(key: str) -> Any:
+        value = getattr(cfg, key)
+        return stated.get(key) if value is None else value
+    return resolve_data_config(spec, input_size=cfg.image_resize, mean=pick("mean"), std=pick("std"),
+                               interpolation=pick("interpolation"), crop_pct=pick("crop_pct"))
 
 
 def augment_from_config(cfg: Config) -> dict[str, Any]:

@@ -39,10 +39,10 @@ from vitkit.engine.optim import create_optimizer
 from vitkit.engine.precision import resolve_precision
 from vitkit.engine.saver import CONFIG, LAST, PREV, RUN_INFO, CheckpointSaver, clear_run, next_free_run_dir, used_by_run
 from vitkit.engine.schedule import build_schedule, set_lr
-from vitkit.errors import DataError, VitkitError, WeightsError
-from vitkit.models import get_spec
+from vitkit.errors import ConfigError, DataError, VitkitError, WeightsError
+from vitkit.models import get_spec, resolve_model_name
 from vitkit.models.vit import count_params
-from vitkit.weights import create_model
+from vitkit.weights import create_model, load_weights
 
 MAX_ROLLBACKS = 3  # nan_policy rollback: give up after this many reloads
 ROLLBACK_LR_FACTOR = 0.5
@@ -111,6 +111,7 @@ class Trainer:
     def __init__(self, cfg: Config, *, argv: Sequence[str] | None = None, rank: int = 0, world_size: int = 1,
                  device: torch.device | None = None, monitor: Monitor | None = None):
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
+        self.model_name = resolve_model_name(cfg.model)  # vit_b_32, ViT-B/32, vit_base_patch32_224 -> vit_b_32_224
         self.started = time.perf_counter()  # metrics.jsonl's elapsed_s (time to accuracy) counts from here
         self.device = device or runtime.pick_device(cfg.device)  # several processes: cuda:local_rank or cpu
         runtime.seed_everything(cfg.seed, cfg.deterministic)
@@ -148,7 +149,7 @@ class Trainer:
             self.monitor.print(f"overwrite: removed the previous run's {len(removed)} files from {self.run_dir}")
         if self.precision.notice:
             self.monitor.print(self.precision.notice)
-        self.saver = CheckpointSaver(self.run_dir, model_name=cfg.model, policy=cfg.ckpt_save_policy,
+        self.saver = CheckpointSaver(self.run_dir, model_name=self.model_name, policy=cfg.ckpt_save_policy,
                                      keep_max=cfg.keep_checkpoint_max, epoch_files=not cfg.smoke)
         self.argv = list(argv) if argv is not None else None
         self.step, self.lr_factor, self.rollbacks, self.skipped = 0, 1.0, 0, 0
@@ -180,7 +181,12 @@ class Trainer:
     # -- construction -----------------------------------------------------------------------------------
     def _build_data(self) -> None:
         cfg = self.cfg
-        self.data_config = data_config_from_config(cfg, get_spec(cfg.model))
+        # ckpt_path without resume_opt: start from those weights (any format), through the pretrained loader;
+        # read first, so that the eval preprocessing follows their source
+        weights = cfg.ckpt_path if cfg.ckpt_path and not cfg.resume_opt else cfg.pretrained
+        self.weights = load_weights(weights, model_name=cfg.model) if weights else None
+        stated = self.weights.data if self.weights else None
+        self.data_config = data_config_from_config(cfg, get_spec(cfg.model), stated)
         train_ds = dataset_from_config(cfg, cfg.train_split, train=True)
         self.class_names = list(train_ds.classes)
         if cfg.num_classes is not None and cfg.num_classes != len(self.class_names):
@@ -205,10 +211,12 @@ class Trainer:
 
     def _build_model(self) -> None:
         cfg = self.cfg
-        # ckpt_path without resume_opt: start from those weights (any format), through the pretrained loader.
-        weights = cfg.ckpt_path if cfg.ckpt_path and not cfg.resume_opt else cfg.pretrained
-        self.model = create_model(cfg.model, pretrained=weights, num_classes=self.num_classes,
-                                  img_size=cfg.image_resize, drop_rate=cfg.drop_rate, drop_path_rate=cfg.drop_path_rate)
+        try:
+            self.model = create_model(cfg.model, pretrained=self.weights or False, num_classes=self.num_classes,
+                                      img_size=cfg.image_resize, drop_rate=cfg.drop_rate,
+                                      drop_path_rate=cfg.drop_path_rate)
+        except ValueError as e:  # the architecture refuses these values (e.g. image_resize not a patch multiple)
+            raise ConfigError(f"model {cfg.model} with image_resize {cfg.image_resize}: {e}") from None
         if cfg.grad_checkpointing:
             self.model.set_grad_checkpointing(True)
         self.precision = resolve_precision(**precision_args(cfg), device=self.device)  # its notice: _start
@@ -255,7 +263,7 @@ class Trainer:
         }
 
     def _write(self, path: Path, model: nn.Module | None = None, train_state: dict | None = None) -> None:
-        save_checkpoint(path, model or self.model, model_name=self.cfg.model, data_config=self.data_config,
+        save_checkpoint(path, model or self.model, model_name=self.model_name, data_config=self.data_config,
                         class_names=self.class_names, config=self.cfg.to_dict(),
                         ema_model=self.ema.module if self.ema else None, epoch=self.epoch, step=self.step,
                         metrics=self.last_metrics, train_state=train_state or self.train_state())
@@ -275,7 +283,7 @@ class Trainer:
     def restore(self, path: Path) -> None:
         """Load weights, EMA and training state from a checkpoint written by `save`."""
         ckpt = load_checkpoint(path)
-        if ckpt.model_name != self.cfg.model or ckpt.arch != self.model.cfg:
+        if ckpt.model_name != self.model_name or ckpt.arch != self.model.cfg:
             raise WeightsError(f"{path} holds {ckpt.model_name} ({ckpt.arch.num_classes} classes, "
                                f"{ckpt.arch.img_size} px); this run builds {self.cfg.model} "
                                f"({self.model.cfg.num_classes} classes, {self.model.cfg.img_size} px). Resume with "

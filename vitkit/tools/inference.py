@@ -25,7 +25,7 @@ from vitkit.data.preprocess import DataConfig
 from vitkit.data.transforms import build_transform
 from vitkit.engine.checkpoint import is_vitkit_checkpoint, load_checkpoint
 from vitkit.errors import VitkitError, WeightsError
-from vitkit.models.registry import get_spec, list_models
+from vitkit.models.registry import get_spec, resolve_model_name
 from vitkit.models.vit import VisionTransformer
 from vitkit.weights import create_model, load_weights
 
@@ -144,22 +144,26 @@ def load_inference_model(source: str, *, model_name: str | None = None, use_ema:
     (any format vitkit reads) with `model_name` saying which architecture they are for."""
     if Path(source).is_file() and is_vitkit_checkpoint(source):
         ckpt = load_checkpoint(source)
-        if model_name and model_name != ckpt.model_name:
+        if model_name and resolve_model_name(model_name) != ckpt.model_name:
             raise WeightsError(f"{source} is a {ckpt.model_name} checkpoint, not {model_name}; drop --model")
         model = ckpt.build_model(use_ema=use_ema)
         names = default_class_names(ckpt.arch.num_classes, ckpt.class_names)
         return InferenceModel(model.to(device), ckpt.model_name, ckpt.data_config, names, str(source))
     if use_ema:
         raise WeightsError("--use_ema needs a vitkit checkpoint (other weights carry no EMA copy)")
-    name, weights = (source, True) if source in list_models() else (model_name, source)
+    try:  # a model name in any spelling (vit_b_32, timm/vit_base_patch32_224.<tag>): its published weights
+        as_name, why = (None if Path(source).exists() else resolve_model_name(source)), ""
+    except KeyError as e:
+        as_name, why = None, f" ({e})"
+    name, weights = (source, True) if as_name else (model_name, source)
     if name is None:
-        raise WeightsError(f"{source} is neither a vitkit checkpoint nor a registered model name; for other "
+        raise WeightsError(f"{source} is neither a vitkit checkpoint nor a registered model name{why}; for other "
                            f"weights files pass --model NAME (see `vitkit models`)")
     loaded = load_weights(weights, model_name=name)
     model = create_model(name, pretrained=loaded).eval()
     dc = loaded.data_config(get_spec(name), model.cfg.img_size)
     names = default_class_names(model.cfg.num_classes, loaded.class_names)
-    return InferenceModel(model.to(device), name, dc, names, str(source))
+    return InferenceModel(model.to(device), resolve_model_name(name), dc, names, str(source))
 
 
 def topk_answer(probs: torch.Tensor | np.ndarray, class_names: list[str], k: int) -> list[dict[str, Any]]:

@@ -34,7 +34,7 @@ from vitkit.engine.launch import detect_launcher, distributed_session, gather_ob
 from vitkit.engine.monitor import Bar
 from vitkit.engine.precision import resolve_precision
 from vitkit.errors import ConfigError, DataError, WeightsError
-from vitkit.models.registry import build_config, get_spec
+from vitkit.models.registry import build_config, get_spec, resolve_model_name
 from vitkit.weights import create_model, load_weights
 
 # Dataset settings a checkpoint's saved run config lends to validate (never its weights keys: its ckpt_path
@@ -95,7 +95,7 @@ def model_from_checkpoint(cfg: Config, ckpt: Checkpoint, use_ema: bool, given: s
     """The checkpoint's model; a config (`named`: keys of the command line and recipe) that names another
     model, or a command line (`given`) that names another class count, is an error naming both (a recipe's
     num_classes yields to the checkpoint's head). Preprocessing keys in `given` override the checkpoint's."""
-    if "model" in named and cfg.model != ckpt.model_name:
+    if "model" in named and resolve_model_name(cfg.model) != ckpt.model_name:
         try:
             wanted = _arch_summary(build_config(cfg.model, num_classes=cfg.num_classes))
         except KeyError as e:

@@ -304,7 +304,7 @@ def create_model(name: str, *, pretrained: bool | str | Path | PretrainedWeights
         own = registry.get_spec(name).arch.to_dict()
         differs = ", ".join(f"{k} {v!r} (not {own[k]!r})" for k, v in weights.arch.items()
                             if k in own and k != "num_classes" and own[k] != v)
-        raise WeightsError(f"{pretrained} holds another architecture than {name} ({differs or e}); use weights "
+        raise WeightsError(f"{weights.origin} holds another architecture than {name} ({differs or e}); use weights "
                            f"of a {name} model, or --model of the weights' own architecture") from None
     fit_weights(model, weights)
     return model

@@ -519,8 +519,20 @@ def _sniff(path: Path) -> str:
 
 
 def read_file(path: str | Path) -> Converted:
-    """Read one weights file of any supported format (detected from its content, not its name)."""
+    """Read one weights file of any supported format (detected from its content, not its name). The boundary
+    for weights files: whatever a damaged or hostile file makes a reader raise is a one-line WeightsError."""
     path = Path(path)
+    try:
+        return _read_file(path)
+    except WeightsError:
+        raise
+    except Exception as e:  # noqa: BLE001 - numpy, protobuf, safetensors, torch: each has its own errors
+        first = (str(e).splitlines() or [""])[0][:200]
+        raise WeightsError(f"{path} could not be read as weights ({type(e).__name__}: {first}); is it a complete "
+                           f"weights file of a supported format?") from None
+
+
+def _read_file(path: Path) -> Converted:
     kind = _sniff(path)
     if kind == "npz":
         with np.load(path, allow_pickle=False) as npz:

@@ -15,6 +15,7 @@ messages over 2 GiB and a ViT-H checkpoint is bigger than that.
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -112,8 +113,8 @@ def read_mindspore_ckpt(path: str | Path) -> dict[str, torch.Tensor]:
     for tag, parts in chunks.items():
         dims, dtype = meta[tag]
         arr = np.frombuffer(b"".join(parts), dtype=np.dtype(_NP_DTYPES[dtype]).newbyteorder("<"))
-        expected = int(np.prod(dims)) if dims else 1
-        if arr.size != expected:
+        expected = math.prod(dims)  # Python ints: dims that overflow int64 cannot wrap around to a match
+        if any(d < 0 for d in dims) or arr.size != expected:
             raise WeightsError(f"{path}: tensor {tag!r} has {arr.size} values but dims {list(dims)}; file corrupt")
         out[tag] = torch.from_numpy(arr.reshape(dims).astype(arr.dtype.newbyteorder("="), copy=True))
     return out

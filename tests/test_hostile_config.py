@@ -1,0 +1,59 @@
+"""Impossible values and hostile recipes are one-line errors before anything runs (issue 17)."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from vitkit.engine.config import load_config
+from vitkit.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--clip_grad", "--clip_value", "-5"], "'clip_value': must be > 0"),
+    (["--warmup_factor", "-2"], "'warmup_factor': must be in \\[0, 1\\]"),
+    (["--min_lr", "5", "--lr", "0.1"], "'min_lr': must be between 0 and lr"),
+    (["--num_cycles", "0"], "'num_cycles': must be >= 1"),
+    (["--decay_rate", "-3", "--scheduler", "polynomial_decay"], "'decay_rate': must be > 0"),
+    (["--seed", str(2**64 - 1)], "'seed': must be between 0 and 2\\*\\*32 - 1"),
+    (["--image_resize", "100000"], "'image_resize': must be at most 4096"),
+    (["--eps", "-1"], "'eps': must be > 0"),
+    (["--momentum", "1.5"], "'momentum': must be in \\[0, 1\\)"),
+    (["--data_dir", "/tmp/a\x00b"], "a NUL character"),
+])
+def test_impossible_values_are_one_line_errors(argv: list[str], match: str) -> None:
+    with pytest.raises(ConfigError, match=match) as e:
+        load_config(argv, notices=[])
+    assert "\n" not in str(e.value)
+
+
+def test_an_alias_bomb_is_never_expanded_into_the_message(tmp_path: Path) -> None:
+    levels = ["&a [" + ", ".join(['"lol"'] * 9) + "]"]
+    levels += [f"&{chr(98 + i)} [" + ", ".join([f"*{chr(97 + i)}"] * 9) + "]" for i in range(8)]
+    (tmp_path / "bomb.yaml").write_text("mean: [" + ", ".join(levels) + "]\n")  # 9**9 strings if expanded
+    t0 = time.perf_counter()
+    with pytest.raises(ConfigError, match="config key 'mean'") as e:
+        load_config(["-c", str(tmp_path / "bomb.yaml")], notices=[])
+    assert len(str(e.value)) < 400 and time.perf_counter() - t0 < 5
+
+
+def test_a_deeply_nested_recipe_is_one_line(tmp_path: Path) -> None:
+    (tmp_path / "deep.yaml").write_text("mean: " + "[" * 5000 + "]" * 5000 + "\n")
+    with pytest.raises(ConfigError, match="nests too deeply|expected"):
+        load_config(["-c", str(tmp_path / "deep.yaml")], notices=[])
+
+
+def test_image_resize_that_is_no_patch_multiple_is_one_line(tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, "-m", "vitkit.cli", "train", "--smoke", "--dataset", "imagefolder",
+                           "--data_dir", str(REPO / "data/cifar10_sample"), "--val_split", "test", "--model",
+                           "vit_n_4_32", "--image_resize", "30", "--ckpt_save_dir", str(tmp_path / "run")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error")]
+    assert errors == ["error: model vit_n_4_32 with image_resize 30: img_size 30 is not a multiple of patch_size 4"]
+    assert not (tmp_path / "run").exists()  # a failed start leaves nothing behind
