@@ -17,7 +17,8 @@ VERBS: dict[str, tuple[str, str]] = {
     "benchmark": ("vitkit.tools.benchmark", "images/s, step time, memory and MFU, optionally against timm"),
     "models": ("vitkit.tools.models", "list registered models with their metadata"),
     "convert": ("vitkit.tools.convert", "convert any supported weights file to a vitkit safetensors file"),
-    "data": ("vitkit.data.check", "vitkit data check DIR: unreadable files, empty classes, imbalance"),
+    "data": ("vitkit.data.check", "vitkit data check DIR: unreadable files, empty classes, imbalance; "
+                                  "vitkit data pack SRC DST: into tar shards"),
     "demo": ("vitkit.tools.demo", "train the built-in demo recipe on the bundled CIFAR-10 sample, then validate"),
 }
 
@@ -52,9 +53,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"error: {disk_full_message(e)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        # Ctrl+C; or a stop signal the trainer handled (vitkit.engine.loop.Stopped: its line, 128 + the signal)
+        message = getattr(e, "message", "interrupted")
+        if message:  # empty on ranks > 0: rank 0 speaks for the run
+            print(message, file=sys.stderr)
+        return int(getattr(e, "exit_code", 130))
 
 
 if __name__ == "__main__":

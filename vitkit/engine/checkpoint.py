@@ -221,8 +221,9 @@ def load_checkpoint(path: str | Path, *, allow_nonfinite: bool = False) -> Check
     )
 
 
-def load_train_state(path: str | Path) -> dict[str, Any]:
-    """The resume-only state beside a checkpoint, loaded without unpickling code."""
+def load_train_state(path: str | Path, required: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The resume-only state beside a checkpoint, loaded without unpickling code; `required` maps the keys the
+    caller reads to their types (the trainer's: TRAIN_STATE_FIELDS), checked before any is used."""
     sp = state_path(path)
     if not sp.is_file():
         raise VitkitError(f"{sp} is missing: {path} holds weights only and cannot resume a run "
@@ -235,7 +236,7 @@ def load_train_state(path: str | Path) -> dict[str, Any]:
     if not _same_pair(path, state):
         raise VitkitError(f"{sp} belongs to another save than {path} (a save was interrupted between the two "
                           f"files); resume from the run's prev.safetensors or an epoch checkpoint instead")
-    for key, kind in TRAIN_STATE_FIELDS.items():
+    for key, kind in (required or {}).items():
         if not isinstance(state.get(key), kind):
             raise VitkitError(f"{sp}: '{key}' is {'missing' if key not in state else type(state[key]).__name__}, "
                               f"expected {getattr(kind, '__name__', kind)} (a damaged or foreign training state)")

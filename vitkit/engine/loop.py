@@ -8,6 +8,15 @@ resumed run, mid-epoch too, continues exactly as if it had never stopped. Data l
 `torch.random.fork_rng`, so the model's random stream (dropout, drop path) never depends on how the data was
 read.
 
+A signal stops a run where it can be continued exactly. SIGTERM (schedulers, `docker stop`) and SIGINT (Ctrl+C)
+set a flag; at the next optimizer-step boundary (after the validation or save in progress, if any) the run
+saves `last` with its training state, as a max_steps stop does, and `fit` raises `Stopped` (exit code 128 +
+the signal: 143, 130) with one line saying where it saved and how to resume. A second signal stops at once,
+without saving (`Stopped` from the handler; checkpoint writes are atomic, so the previous save stays whole).
+Under torchrun every rank takes the same decision at the same step (a one-integer all-reduce per step, only
+when a process group is up). A save never writes non-finite weights: NaN/inf in the model or EMA at a save
+is a divergence (`nan_policy`), so a rollback always finds a finite checkpoint.
+
 A run folder holds one run. A new run refuses a folder that holds another (`--resume` continues it,
 `--overwrite` replaces it), builds data and model before it writes anything, and a start that fails once it
 did write removes what it wrote (a folder that was missing or empty is left as it was).
@@ -17,18 +26,30 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import shutil
+import signal
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from vitkit.data.datasets import stratified_subset
 from vitkit.engine import launch, parallel, runtime
-from vitkit.engine.checkpoint import is_complete_pair, load_checkpoint, load_train_state, read_metadata, save_checkpoint
+from vitkit.engine.checkpoint import (
+    TRAIN_STATE_FIELDS,
+    is_complete_pair,
+    load_checkpoint,
+    load_train_state,
+    read_metadata,
+    save_checkpoint,
+)
 from vitkit.engine.config import Config, optimizer_args, precision_args, schedule_args
 from vitkit.engine.data_args import data_config_from_config, dataset_from_config, loader_from_config, mixup_from_config
 from vitkit.engine.ema import ModelEMA
@@ -49,10 +70,43 @@ ROLLBACK_LR_FACTOR = 0.5
 MAX_SKIPPED_STEPS = 25  # fp16: consecutive overflowed (skipped) steps that mean divergence, not a bad scale
 
 
-class NonFiniteLoss(Exception):
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)  # what schedulers, `docker stop` and Ctrl+C send
+
+
+class Diverged(Exception):
+    """Training left the finite numbers; `nan_policy` decides (`Trainer._on_divergence`)."""
+
+
+class NonFiniteLoss(Diverged):
     def __init__(self, step: int, loss: float, grad_norm: float):
         super().__init__(f"non-finite loss {loss} / gradient norm {grad_norm} at step {step}")
         self.step, self.loss, self.grad_norm = step, loss, grad_norm
+
+
+class NonFiniteWeights(Diverged):
+    """Found before a save: such weights are never written (a rollback could only reload them)."""
+
+    def __init__(self, step: int, key: str | None):
+        where = f"{key} holds NaN or inf" if key else "NaN or inf on another process"
+        super().__init__(f"non-finite weights after step {step} ({where}; not saved)")
+        self.step, self.key = step, key
+
+
+class Stopped(KeyboardInterrupt):
+    """A signal stopped `fit`: at a step boundary after saving (`saved`), or at once on a second signal (`saved`
+    None). A KeyboardInterrupt, so that `except Exception` does not swallow it; `exit_code` is 128 + signal."""
+
+    def __init__(self, signum: int, message: str, saved: Path | None = None):
+        super().__init__(message)
+        self.signum, self.message, self.saved = signum, message, saved
+        self.exit_code = 128 + signum
+
+
+def signal_name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
 
 
 def resolve_resume_path(cfg: Config) -> Path | None:
@@ -155,6 +209,9 @@ class Trainer:
         self.step, self.lr_factor, self.rollbacks, self.skipped = 0, 1.0, 0, 0
         self.epoch_meter = {"loss_sum": 0.0, "steps": 0}
         self.last_metrics: dict[str, Any] = {}
+        self.received_signal: int | None = None  # the first stop signal this process got (`_on_signal`)
+        self.stop_signal: int | None = None  # the one every rank agreed to stop on (`_stop_requested`)
+        self._saved_step: int | None = None  # the step of this invocation's latest save
         if resume is not None:
             self.restore(resume)
             torn = " (the last save was interrupted; continuing from the one before)" if resume.name == PREV else ""
@@ -268,17 +325,36 @@ class Trainer:
                         ema_model=self.ema.module if self.ema else None, epoch=self.epoch, step=self.step,
                         metrics=self.last_metrics, train_state=train_state or self.train_state())
 
+    def _nonfinite_key(self) -> str | None:
+        """The first tensor of the model (or `ema.` of the EMA copy) holding NaN or inf, or None. Each process
+        checks its own tensors (its shards under FSDP); all of them learn whether any found one."""
+        tensors = [(k, v) for k, v in self.model.state_dict().items()]
+        if self.ema is not None:
+            tensors += [("ema." + k, v) for k, v in self.ema.state_dict().items()]
+        tensors = [(k, v.to_local() if isinstance(v, DTensor) else v) for k, v in tensors]
+        tensors = [(k, v) for k, v in tensors if v.is_floating_point() and v.numel()]
+        finite = torch.stack([torch.isfinite(v).all() for _, v in tensors]).cpu() if tensors else torch.ones(0)
+        bad = [k for (k, _), ok in zip(tensors, finite.tolist()) if not ok]
+        if self._all_ranks_max(int(bool(bad))):
+            return bad[0] if bad else ""
+        return None
+
     def save(self, *, keep_epoch: bool, val_top1: float | None = None) -> Path | None:
+        """Write `last` (and the epoch/best files the policy keeps). Non-finite weights are never written: they
+        raise NonFiniteWeights, a divergence (`nan_policy`), on every rank."""
+        key = self._nonfinite_key()
+        if key is not None:
+            raise NonFiniteWeights(self.step, key or None)
+        write: Any = self._write
         if self.world_size > 1:  # every rank gathers (collectives under FSDP); rank 0 alone writes full tensors
             model = parallel.gathered_model(self.train_model)
             state = self.train_state(parallel.optimizer_state_dict(self.train_model, self.optimizer),
                                      launch.gather_objects(runtime.rng_state()))
-            if self.rank != 0:
-                return None
-            return self.saver.save(lambda path: self._write(path, model, state), epoch=self.epoch, step=self.step,
-                                   val_top1=val_top1, keep_epoch=keep_epoch)
-        return self.saver.save(self._write, epoch=self.epoch, step=self.step, val_top1=val_top1,
-                               keep_epoch=keep_epoch)
+            write = None if self.rank != 0 else lambda path: self._write(path, model, state)
+        saved = None if write is None else self.saver.save(write, epoch=self.epoch, step=self.step,
+                                                            val_top1=val_top1, keep_epoch=keep_epoch)
+        self._saved_step = self.step
+        return saved
 
     def restore(self, path: Path) -> None:
         """Load weights, EMA and training state from a checkpoint written by `save`."""
@@ -288,7 +364,7 @@ class Trainer:
                                f"{ckpt.arch.img_size} px); this run builds {self.cfg.model} "
                                f"({self.model.cfg.num_classes} classes, {self.model.cfg.img_size} px). Resume with "
                                f"the run's own config, or start from its weights with --ckpt_path (no --resume_opt)")
-        state = load_train_state(path)
+        state = load_train_state(path, required=TRAIN_STATE_FIELDS)
         if state["steps_per_epoch"] != self.steps_per_epoch:
             raise VitkitError(f"{path} was written with {state['steps_per_epoch']} steps per epoch, this run has "
                               f"{self.steps_per_epoch}: resuming exactly needs the same data, batch_size, "
@@ -405,6 +481,8 @@ class Trainer:
             self.monitor.update(done, stats, eta_s=elapsed / (done - first) * (stop - done))
             if self.step % cfg.log_interval == 0:
                 self.monitor.log_step({"loss": loss, "lr": lr, "grad_norm": grad_norm}, self.step)
+            if done < stop and self._stop_requested():  # the epoch's last boundary: `fit` asks, after its end
+                break
         batches.close()
         self.monitor.end_epoch()
         elapsed = time.perf_counter() - start
@@ -490,30 +568,100 @@ class Trainer:
         self.monitor.write_json(RUN_INFO, run_info(self.device, self.argv))
 
     def fit(self) -> dict[str, Any]:
-        """Train until epoch_size epochs (or max_steps); returns the last epoch's metrics."""
+        """Train until epoch_size epochs (or max_steps); returns the last epoch's metrics. A stop signal
+        (SIGTERM, SIGINT) ends it with `Stopped` (see the module docstring)."""
         self.write_run_records()
         self.monitor.print(self._header())
+        at_once = False
         try:
-            while self.step < self.last_step:
-                try:
-                    throughput = self.train_epoch()
-                except NonFiniteLoss as e:
-                    self._on_divergence(e)
-                    continue
-                if self.step % self.steps_per_epoch == 0:
-                    self.end_of_epoch(throughput)
-                else:  # max_steps stopped mid-epoch: keep the position so --resume continues exactly here
-                    saved = self.save(keep_epoch=False)
-                    self.monitor.print(f"stopped at step {self.step} (max_steps); resume with --resume "
-                                       f"{saved or ''}".rstrip())
-            if self.cfg.smoke and self.step >= self.total_steps and self.rank == 0:
-                self.saver.drop_prev()  # a smoke run keeps one checkpoint: last (and best)
+            with self._stop_on_signals():
+                while self.step < self.last_step:
+                    try:
+                        throughput = self.train_epoch()  # to the epoch's end, max_steps, or an agreed stop
+                        if self.step % self.steps_per_epoch == 0:
+                            self.end_of_epoch(throughput)
+                        elif self.stop_signal is None:  # max_steps mid-epoch: --resume continues exactly here
+                            saved = self.save(keep_epoch=False)
+                            self.monitor.print(f"stopped at step {self.step} (max_steps); resume with --resume "
+                                               f"{saved or ''}".rstrip())
+                        if self.step < self.last_step and self._stop_requested():
+                            self._stop()
+                    except Diverged as e:
+                        self._on_divergence(e)
+                if self.cfg.smoke and self.step >= self.total_steps and self.rank == 0:
+                    self.saver.drop_prev()  # a smoke run keeps one checkpoint: last (and best)
+        except Stopped as e:
+            at_once = e.saved is None
+            raise
         finally:
-            self.monitor.plot_curves()
+            if not at_once:
+                self.monitor.plot_curves()
             self.monitor.close()
         return self.last_metrics
 
-    def _on_divergence(self, e: NonFiniteLoss) -> None:
+    # -- stop signals -----------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _stop_on_signals(self) -> Iterator[None]:
+        """SIGTERM and SIGINT handlers around the loop, and the previous ones back after it (main thread only:
+        Python runs handlers there, and only there may they be set)."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        self._pid = os.getpid()
+        previous = {s: signal.getsignal(s) for s in STOP_SIGNALS}
+        try:
+            for s in STOP_SIGNALS:
+                signal.signal(s, self._on_signal)
+            yield
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler if handler is not None else signal.SIG_DFL)
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        if os.getpid() != self._pid:  # a forked data-loader worker (Ctrl+C signals the whole process group)
+            return
+        name = signal_name(signum)
+        if self.received_signal is not None:
+            last = self.saver.last if self.saver.last.is_file() else None
+            kept = f"the last checkpoint {last} is intact; resume with --resume {last}" if last else \
+                "no checkpoint was saved yet"
+            raise Stopped(signum, f"{name} again: stopped at step {self.step} without saving; {kept}"
+                          if self.rank == 0 else "")
+        self.received_signal = signum
+        if self.rank == 0:  # a raw write: a handler may run in the middle of a print to the same stream
+            with contextlib.suppress(OSError, ValueError):
+                below_bar = "\n" if os.isatty(2) else ""
+                os.write(2, f"{below_bar}{name}: stopping at the end of this step with a checkpoint (send {name} "
+                            f"again to stop at once, without saving)\n".encode())
+
+    def _all_ranks_max(self, value: int) -> int:
+        """`value`'s maximum over the processes (one small all-reduce; `value` itself without a process group)."""
+        if not launch.dist_ready():
+            return value
+        on = "cpu" if "gloo" in str(dist.get_backend()) else self.device  # vitkit's groups: gloo for CPU tensors
+        t = torch.tensor([value], dtype=torch.int64, device=on)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return int(t.item())
+
+    def _stop_requested(self) -> bool:
+        """At a step boundary: whether to stop now. Every rank asks at the same boundaries and gets the same
+        answer (the highest signal number any of them received), so all stop at the same step."""
+        if self.stop_signal is None:
+            agreed = self._all_ranks_max(self.received_signal or 0)
+            self.stop_signal = agreed or None
+        return self.stop_signal is not None
+
+    def _stop(self) -> None:
+        """Save where the run stands (unless this step is already saved: an epoch end), say so, raise Stopped."""
+        assert self.stop_signal is not None
+        if self._saved_step != self.step:
+            self.save(keep_epoch=False)
+        name, where = signal_name(self.stop_signal), self.saver.last
+        message = (f"stopped at step {self.step} ({name}); saved {where}; resume with --resume {where}"
+                   if self.rank == 0 else "")
+        raise Stopped(self.stop_signal, message, saved=where)
+
+    def _on_divergence(self, e: Diverged) -> None:
         last = self.saver.last if self.saver.last.is_file() else None
         where = f"the last good checkpoint is {last}" if last else "no checkpoint was saved yet"
         if self.cfg.nan_policy == "rollback" and last is not None and self.rollbacks < MAX_ROLLBACKS:
@@ -524,5 +672,7 @@ class Trainer:
                                f"lr x{self.lr_factor:g} (rollback {rollbacks}/{MAX_ROLLBACKS})")
             return
         hint = ("" if self.cfg.nan_policy == "rollback" else "; or rerun with --nan_policy rollback")
-        raise VitkitError(f"training diverged: {e} (epoch {self.epoch + 1}); {where}. Resume from it with a lower "
+        # the epoch of the step that diverged: the one being taken (a loss), or the one just taken (weights)
+        epoch = (self.step - 1) // self.steps_per_epoch + 1 if isinstance(e, NonFiniteWeights) else self.epoch + 1
+        raise VitkitError(f"training diverged: {e} (epoch {epoch}); {where}. Resume from it with a lower "
                           f"--lr (or --clip_grad){hint}")

@@ -5,7 +5,8 @@ the built-in demo recipe runs (a small ViT on the CIFAR-10 sample shipped in `da
 own --data_dir or --dataset starts from the schema's (MindCV's) defaults instead. `--resume` without `-c`
 takes the run's config from the checkpoint itself; `--resume` of a run that is already complete says so and
 does nothing. Without --ckpt_save_dir each run gets its own timestamped folder under ./ckpt (runs/demo for the
-demo recipe), and `--resume` alone continues the newest.
+demo recipe), and `--resume` alone continues the newest. SIGTERM or Ctrl+C saves at the next step and exits with
+128 + the signal (143, 130), saying how to resume; a second one exits at once (`vitkit.engine.loop.Stopped`).
 """
 from __future__ import annotations
 
@@ -70,5 +71,5 @@ def main(argv: Sequence[str] | None = None) -> int:
     if any(a in ("-h", "--help") for a in argv):
         config_parser("train", DESCRIPTION).print_help()
         return 0
-    run(argv)
+    run(argv)  # a stop signal raises loop.Stopped; the CLI prints its line and exits with its code
     return 0
