@@ -1,5 +1,8 @@
 """Images/s per CPU core of the ImageNet-style training pipeline: vitkit's loader beside timm's create_loader
-and a torchvision ImageFolder pipeline, on the same files, in the same run.
+and a torchvision ImageFolder pipeline, on the same files, in the same run; and the same images packed into
+WebDataset tar shards (`vitkit data pack`), read by vitkit's map-style shard reader (`--dataset wds`), by
+webdataset's own sequential reader (wds.WebDataset, feeding vitkit's transform) and by timm's `wds/` reader
+(timm.data.create_dataset("wds/...") + create_loader; it needs webdataset, the `wds` extra).
 
 Pipeline (all three): JPEG decode -> RandomResizedCrop 224 (bilinear) -> horizontal flip -> RandAugment
 (vitkit/timm: randaug-m9-mstd0.5; torchvision: its own RandAugment(num_ops=2, magnitude=9)) -> to float
@@ -8,8 +11,12 @@ JPEGs made by upscaling the same CIFAR images to 500x375 (bicubic) and re-encodi
 into a temporary folder. Per core: with --workers 0 everything runs in this one process with one torch
 thread; with --workers N the figure is divided by N.
 
-    .venv/bin/python benchmarks/bench_loader.py --num-images 512            # ~1-2 minutes on one core
+The shard readers all read the same shards (--shard-size, default 8MB, so that even a small run crosses
+shard boundaries); "vs folder" compares each row with vitkit's loader on the folder of the same images.
+
+    .venv/bin/python benchmarks/bench_loader.py --num-images 512            # ~2-4 minutes on one core
     .venv/bin/python benchmarks/bench_loader.py --num-images 5000 --workers 2 --rounds 3
+    .venv/bin/python benchmarks/bench_loader.py --loaders vitkit,"vitkit shards"   # some rows only
 """
 from __future__ import annotations
 
@@ -48,23 +55,93 @@ def make_set(files: list[Path], out: Path, size: tuple[int, int] | None) -> Path
     return out
 
 
-def vitkit_loader(root: Path, batch: int, workers: int):
+def vitkit_transform(batch: int, workers: int, dataset: str = "imagefolder", data_dir: str = ".", split: str = "train"):
+    """(config, vitkit's training transform, its DataConfig): RandAugment m9 mstd0.5, bilinear, uint8 output."""
     from vitkit.data import DataConfig, build_transform
-    from vitkit.data.loader import Loader, ShardPlan
     from vitkit.engine.config import load_config
-    from vitkit.engine.data_args import augment_from_config, dataset_from_config
+    from vitkit.engine.data_args import augment_from_config
 
-    cfg = load_config(["--dataset", "imagefolder", "--data_dir", str(root.parent), "--train_split", root.name,
+    cfg = load_config(["--dataset", dataset, "--data_dir", data_dir, "--train_split", split,
                        "--image_resize", "224", "--auto_augment", "randaug-m9-mstd0.5", "--interpolation",
                        "bilinear", "--batch_size", str(batch), "--num_parallel_workers", str(workers)], notices=[])
-    ds = dataset_from_config(cfg, root.name, train=True)
     dc = DataConfig(input_size=224, mean=MEAN, std=STD, interpolation="bilinear")
     # small_data=False: the ImageNet pipeline (RandomResizedCrop) even on 32x32 files, as the others run it.
-    tf = build_transform(dc, train=True, **augment_from_config(cfg), small_data=False, normalize=False)
+    return cfg, build_transform(dc, train=True, **augment_from_config(cfg), small_data=False, normalize=False), dc
+
+
+def vitkit_loader(root: Path, batch: int, workers: int, dataset: str = "imagefolder"):
+    from vitkit.data.loader import Loader, ShardPlan
+    from vitkit.engine.data_args import dataset_from_config
+
+    cfg, tf, dc = vitkit_transform(batch, workers, dataset, str(root.parent), root.name)
+    ds = dataset_from_config(cfg, root.name, train=True)
     plan = ShardPlan(len(ds), batch_size=batch, train=True, seed=0, drop_remainder=True)
     loader = Loader(ds, plan, transform=tf, seed=0, num_workers=workers, normalize=dc)
     loader.set_epoch(0)
     return loader
+
+
+def vitkit_shards_loader(packed: Path, batch: int, workers: int):
+    """`--dataset wds --data_dir PACKED`: the map-style reader (index of member offsets, os.pread)."""
+    return vitkit_loader(packed / "train", batch, workers, dataset="wds")
+
+
+def shard_pattern(packed: Path) -> str:
+    n = len(list((packed / "train").glob("shard-*.tar")))
+    return f"shard-{{000000..{n - 1:06d}}}.tar"
+
+
+class _WdsTransform:
+    """webdataset sample (jpg bytes, cls bytes) -> (vitkit's transform of the PIL image, target)."""
+
+    def __init__(self, tf):
+        self.tf = tf
+
+    def __call__(self, sample):
+        import io
+
+        data, cls = sample
+        with Image.open(io.BytesIO(data)) as img:
+            return self.tf(img), int(cls)
+
+
+def webdataset_loader(packed: Path, batch: int, workers: int):
+    """webdataset's sequential reader (shards split over workers, a 1000-sample shuffle buffer) feeding vitkit's
+    transform: the reader compared alone."""
+    import webdataset as wds
+
+    from vitkit.data.loader import Collate
+
+    _, tf, dc = vitkit_transform(batch, workers)
+    urls = str(packed / "train" / shard_pattern(packed))
+    ds = (wds.WebDataset(urls, shardshuffle=False, empty_check=False).shuffle(1000).to_tuple("jpg", "cls")
+          .map(_WdsTransform(tf)))
+    collate = Collate(dc)
+    return torch.utils.data.DataLoader(ds, batch_size=batch, num_workers=workers,
+                                       collate_fn=lambda items: collate([(x, t, []) for x, t in items])[:2])
+
+
+def timm_wds_loader(packed: Path, batch: int, workers: int):
+    """timm's `wds/` reader on the same shards (split given as a brace pattern with the sample count)."""
+    from timm.data import create_dataset, create_loader
+
+    n = sum(s["samples"] for s in __import__("json").loads((packed / "dataset.json").read_text())["splits"]
+            ["train"]["shards"])
+    ds = create_dataset("wds/bench", root=str(packed / "train"), split=f"{shard_pattern(packed)}|{n}",
+                        is_training=True, batch_size=batch)
+    return create_loader(ds, input_size=(3, 224, 224), batch_size=batch, is_training=True, use_prefetcher=False,
+                         auto_augment="rand-m9-mstd0.5", interpolation="bilinear", mean=MEAN, std=STD,
+                         num_workers=workers, persistent_workers=False, device=torch.device("cpu"))
+
+
+def pack_set(folder: Path, out: Path, shard_size: str) -> Path:
+    from vitkit.data import pack as P
+    from vitkit.data.datasets import build_dataset
+
+    ds = build_dataset(str(folder.parent), name="imagefolder", split=folder.name, train=False)
+    P.pack({"train": ds}, out, shard_size=P.parse_size(shard_size), source={"path": str(folder)}, progress=False,
+           say=lambda line: None)
+    return out
 
 
 def timm_loader(root: Path, batch: int, workers: int):
@@ -105,6 +182,8 @@ def main() -> int:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--workers", type=int, default=0, help="loader workers (0 = this process, one core)")
     p.add_argument("--rounds", type=int, default=2, help="interleaved rounds; the best of each is kept")
+    p.add_argument("--shard-size", default="8MB", help="shard size of the packed copies (vitkit data pack)")
+    p.add_argument("--loaders", default=None, help="comma-separated rows to run (default: all)")
     p.add_argument("--out", default=None, help="also write the report (with the command) to this markdown file")
     a = p.parse_args()
     lines: list[str] = []
@@ -124,22 +203,48 @@ def main() -> int:
           f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs visible  ")
     say("ImageNet-sized set: the same CIFAR images upscaled to 500x375 (bicubic), re-encoded at JPEG quality 90 "
           "into a temp dir")
-    makers = {"vitkit": vitkit_loader, "timm create_loader": timm_loader, "torchvision ImageFolder": torchvision_loader}
+    makers = {"vitkit": vitkit_loader, "timm create_loader": timm_loader, "torchvision ImageFolder": torchvision_loader,
+              "vitkit shards": vitkit_shards_loader, "webdataset + vitkit transform": webdataset_loader,
+              "timm wds/ reader": timm_wds_loader}
+    on_shards = {"vitkit shards", "webdataset + vitkit transform", "timm wds/ reader"}
+    if a.loaders:
+        wanted = [m.strip() for m in a.loaders.split(",")]
+        unknown = [m for m in wanted if m not in makers]
+        if unknown:
+            p.error(f"unknown loaders {unknown}; choose from {list(makers)}")
+        makers = {m: makers[m] for m in wanted}
+    say(f"shards: `vitkit data pack` of each set into {a.shard_size} shards (the same shards for every shard "
+        "reader)")
+    skipped: dict[str, str] = {}
     with tempfile.TemporaryDirectory() as tmp:
         sets = {"CIFAR-10 JPEG 32x32": make_set(files, Path(tmp) / "cifar" / "train", None),
                 "ImageNet-sized JPEG 500x375": make_set(files, Path(tmp) / "big" / "train", (500, 375))}
+        packed = {s: pack_set(root, Path(tmp) / f"packed{k}", a.shard_size) for k, (s, root) in enumerate(sets.items())}
         best = {(s, m): 0.0 for s in sets for m in makers}
         for _ in range(a.rounds):
             for s, root in sets.items():
                 for m, make in makers.items():
-                    best[s, m] = max(best[s, m], images_per_s(make, root, a.batch_size, a.workers))
+                    if m in skipped:
+                        continue
+                    try:
+                        rate = images_per_s(make, packed[s] if m in on_shards else root, a.batch_size, a.workers)
+                    except ImportError as e:  # webdataset (the `wds` extra) not installed
+                        skipped[m] = f"{type(e).__name__}: {e}"
+                        continue
+                    best[s, m] = max(best[s, m], rate)
     say()
-    say("| images | loader | images/s per core | vs timm |")
-    say("|---|---|---|---|")
+    say("| images | loader | images/s per core | vs timm | vs vitkit folder |")
+    say("|---|---|---|---|---|")
     for s in sets:
-        ref = best[s, "timm create_loader"]
+        ref, folder = best.get((s, "timm create_loader"), 0.0), best.get((s, "vitkit"), 0.0)
         for m in makers:
-            say(f"| {s} | {m} | {best[s, m] / cores:.0f} | {best[s, m] / ref:.2f}x |")
+            if m in skipped:
+                continue
+            vs_timm = f"{best[s, m] / ref:.2f}x" if ref else "-"
+            vs_folder = f"{best[s, m] / folder:.2f}x" if folder else "-"
+            say(f"| {s} | {m} | {best[s, m] / cores:.0f} | {vs_timm} | {vs_folder} |")
+    for m, why in skipped.items():
+        say(f"\n{m}: not run ({why})")
     if a.out:
         Path(a.out).write_text("# bench_loader: the training input pipeline, images/s per CPU core\n\n"
                                + "\n".join(lines) + "\n")

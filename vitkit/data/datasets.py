@@ -1,5 +1,6 @@
 """Datasets: ImageFolder layouts with any split names, CIFAR-10/100 (download, python format or JPEG folders),
-stratified subsets, and an in-memory form for small images.
+WebDataset tar shards (`wds`, vitkit.data.shards), Hugging Face datasets (`hf`, vitkit.data.hf), stratified
+subsets, and an in-memory form for small images.
 
 Every dataset is an `ImageDataset`: `classes` (names, saved into checkpoints), `targets`, `load(i)` (a PIL image
 that may not be decoded yet, so transforms can decode at reduced size), `path(i)` (for error messages) and
@@ -17,19 +18,19 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 import torch
 import torchvision.datasets as tvd
-from PIL import Image, ImageOps
+from PIL import Image
 from torch.utils.data import Dataset
 
+# open_image, IMG_EXTENSIONS and EXIF_ORIENTATION live in vitkit.data.images (shards and HF datasets open
+# images from bytes with it too); importing it also sets the decompression-bomb limit
+from vitkit.data.hf import load_hf
+from vitkit.data.images import EXIF_ORIENTATION, IMG_EXTENSIONS, open_image  # noqa: F401 (re-exported)
+from vitkit.data.shards import open_shards
 from vitkit.data.transforms import to_rgb
 from vitkit.errors import DataError
 
 log = logging.getLogger(__name__)
 
-# Decompression-bomb guard: PIL raises DecompressionBombError above 2x this many pixels and warns above it.
-# 89.5 Mpx is PIL's own default; we set it explicitly so no other library can switch it off for us.
-Image.MAX_IMAGE_PIXELS = 89_478_485
-
-IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
 # Small-image datasets up to this many decoded bytes are held in memory (CIFAR-10 train: 150 MB).
 SMALL_MEMORY_BYTES = 2 * 1024**3
 CIFAR_DIRS = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}
@@ -115,25 +116,6 @@ class Subset(Dataset):
 
     def __getitem__(self, i: int) -> tuple[Image.Image, int]:
         return self.base[self.indices[i]]
-
-
-EXIF_ORIENTATION = 0x0112
-
-
-def open_image(path: str | Path) -> Image.Image:
-    """The image at `path`, upright: an EXIF orientation other than 1 is applied (as torchvision's
-    `decode_image(apply_exif_orientation=True)` and timm's loaders do). Reading the tag costs no decode, so the
-    usual image stays undecoded (a transform may still decode it at reduced size); only a rotated one is
-    decoded here."""
-    img = Image.open(path)
-    try:
-        rotated = img.getexif().get(EXIF_ORIENTATION, 1) not in (1, None)
-    except Exception:  # noqa: BLE001 - a damaged EXIF block: the pixels may still be fine; keep them as stored
-        rotated = False
-    if not rotated:
-        return img
-    with img:
-        return ImageOps.exif_transpose(img)
 
 
 def list_images(folder: Path) -> list[str]:
@@ -235,20 +217,32 @@ def _cifar(name: str, root: Path, split: str, *, train: bool, download: bool, tr
 
 
 def build_dataset(root: str | None, *, name: str, split: str, train: bool, download: bool = False,
-                  num_samples: int | None = None, seed: int = 0, train_split: str = "train") -> ImageDataset:
-    """The dataset `name` (imagenet / imagefolder: root/<split>/<class>/*, cifar10, cifar100) for `split`.
+                  num_samples: int | None = None, seed: int = 0, train_split: str = "train",
+                  image_column: str = "image", label_column: str = "label") -> ImageDataset:
+    """The dataset `name` (imagenet / imagefolder: root/<split>/<class>/*, cifar10, cifar100, wds, hf) for `split`.
 
     download: fetch CIFAR into root if missing. num_samples takes a stratified subset (seeded by `seed`) of a
     training split. train_split names CIFAR's training folder, so that CIFAR's python files map it to the train set.
+    wds: `root` is a packed folder (`vitkit data pack`), its dataset.json, a brace pattern of shards or an fsspec
+    URL (vitkit.data.shards). hf: `root` is a Hugging Face dataset folder or hub id; image_column and label_column
+    name its columns (vitkit.data.hf).
     """
     key = name.lower()
-    root_dir = _check_root(root, cifar=key in CIFAR_DIRS, download=download)
-    if key in CIFAR_DIRS:
-        ds: ImageDataset = _cifar(key, root_dir, split, train=train, download=bool(download), train_split=train_split)
-    elif key in ("imagenet", "imagefolder"):
-        ds = _image_folder_split(root_dir, split)
+    if key in ("wds", "hf"):
+        if not root:
+            raise DataError("data_dir is not set; pass --data_dir " + ("/path/to/packed (or a shard pattern)"
+                                                                        if key == "wds" else "DIR_OR_HUB_ID"))
+        ds: ImageDataset = (open_shards(root, split) if key == "wds" else
+                            load_hf(root, split, image_column=image_column, label_column=label_column))
     else:
-        raise DataError(f"dataset {name!r} is not known; use imagenet, imagefolder, cifar10 or cifar100")
+        root_dir = _check_root(root, cifar=key in CIFAR_DIRS, download=download)
+        if key in CIFAR_DIRS:
+            ds = _cifar(key, root_dir, split, train=train, download=bool(download), train_split=train_split)
+        elif key in ("imagenet", "imagefolder"):
+            ds = _image_folder_split(root_dir, split)
+        else:
+            raise DataError(f"dataset {name!r} is not known; use imagenet, imagefolder, cifar10, cifar100, wds "
+                            "(tar shards from `vitkit data pack`) or hf (Hugging Face datasets)")
     if train and num_samples:
         ds = stratified_subset(ds, num_samples, seed)
     return ds

@@ -16,11 +16,13 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import RandomResizedCrop as _RRCv1
 
 from vitkit.data.batch_augment import tensor_interpolation
+from vitkit.data.images import encoded_bytes, source_name
 from vitkit.data.preprocess import DataConfig
 
 
 class JpegCropPlan:
-    """Worker side: lazy PIL image -> (file bytes uint8, [top, left, h, w, hflip]) from header size only."""
+    """Worker side: lazy PIL image -> (its JPEG bytes uint8, [top, left, h, w, hflip]) from header size only; the
+    bytes are the file's, or those a shard or Hugging Face sample was opened from (`images.encoded_bytes`)."""
 
     def __init__(self, scale: tuple[float, float], ratio: tuple[float, float], hflip: float, train: bool,
                  data_config: DataConfig):
@@ -28,7 +30,7 @@ class JpegCropPlan:
 
     def __call__(self, img: Image.Image) -> tuple[torch.Tensor, torch.Tensor]:
         if img.format != "JPEG":
-            raise OSError(f"{img.filename}: gpu_decode reads JPEG files only (found {img.format})")
+            raise OSError(f"{source_name(img)}: gpu_decode reads JPEG files only (found {img.format})")
         w, h = img.size
         if self.train:
             top, left, ch, cw = _RRCv1.get_params(img, self.scale, self.ratio)
@@ -37,8 +39,8 @@ class JpegCropPlan:
             side = min(w, h) * self.dc.input_size / self.dc.resize_size
             ch = cw = max(1, round(side))
             top, left, flip = (h - ch) // 2, (w - cw) // 2, 0
-        with open(img.filename, "rb") as f:
-            data = torch.frombuffer(bytearray(f.read()), dtype=torch.uint8)
+        # the file's bytes, or the shard member's / Hugging Face row's the image was opened from
+        data = torch.frombuffer(bytearray(encoded_bytes(img)), dtype=torch.uint8)
         return data, torch.tensor([top, left, ch, cw, flip])
 
 

@@ -233,6 +233,8 @@ class Loader:
                 images, targets, bad = next(source)
             except StopIteration:
                 return
+            except DataError as e:  # from a worker, torch wraps it in its traceback: keep the one line
+                raise DataError(worker_message(e)) from None
             st = self._stats
             st["data_wait_s"] += time.perf_counter() - t0
             st["batches"] += 1
@@ -245,6 +247,17 @@ class Loader:
                                     f"bad_image_limit={self.bad_image_limit}); e.g. {st['bad_paths'][:3]}; "
                                     "run `vitkit data check DIR`")
             yield images, targets
+
+
+def worker_message(e: BaseException) -> str:
+    """The message of an error raised in a DataLoader worker: torch re-raises it in the main process as
+    `Caught DataError in DataLoader worker process 0.\nOriginal Traceback ...\nvitkit.errors.DataError: MSG`;
+    MSG alone (the error's own message when it was raised in this process)."""
+    text = str(e)
+    if not text.startswith("Caught ") or "\n" not in text:
+        return text
+    last = text.rstrip().splitlines()[-1]
+    return last.split(": ", 1)[1] if ": " in last and "Error" in last.split(": ", 1)[0] else last
 
 
 def build_loader(ds: ImageDataset, *, data_config: DataConfig, train: bool, batch_size: int, seed: int = 0,

@@ -76,14 +76,19 @@ class Config:
     global_batch: int | None = _f(None, "batch_size x world_size x gradient_accumulation_steps (set by "
                                            "resolve)", SYS)
     # -- dataset ----------------------------------------------------------------------------------
-    dataset: str = _f("imagenet", "imagenet / imagefolder (data_dir/<split>/<class>/*), cifar10, cifar100", DATA)
-    data_dir: str | None = _f(None, "dataset root", DATA)
+    dataset: str = _f("imagenet", "imagenet / imagefolder (data_dir/<split>/<class>/*), cifar10, cifar100, wds (tar "
+                                  "shards from `vitkit data pack`), hf (Hugging Face datasets)", DATA)
+    data_dir: str | None = _f(None, "dataset root; wds: a packed folder, a shard pattern (DIR/{split}/shard-"
+                                    "{000000..000127}.tar) or an fsspec URL; hf: a saved or parquet folder, or a hub "
+                                    "id", DATA)
     shuffle: bool = _f(True, "shuffle training data", DATA)
     dataset_download: bool = _f(False, "download the dataset (cifar10/cifar100) if it is not in data_dir", DATA)
     batch_size: int = _f(128, "images per device per step", DATA)
     drop_remainder: bool = _f(True, "drop the last partial training batch", DATA)
     train_split: str = _f("train", "training split folder", DATA)
     val_split: str = _f("val", "validation split folder", DATA)
+    image_column: str = _f("image", "hf: the column holding the images", DATA)
+    label_column: str = _f("label", "hf: the column holding the class labels", DATA)
     num_parallel_workers: int = _f(8, "data loader worker processes", DATA)
     num_samples: int | None = _f(None, "use a stratified, seeded subset of this many training images", DATA)
     val_num_samples: int | None = _f(None, "validate on a stratified, seeded subset of this many images", DATA)

@@ -13,7 +13,8 @@ from vitkit.engine.config import Config
 
 def dataset_from_config(cfg: Config, split: str, *, train: bool) -> ImageDataset:
     return build_dataset(cfg.data_dir, name=cfg.dataset, split=split, train=train, download=cfg.dataset_download,
-                         num_samples=cfg.num_samples, seed=cfg.seed, train_split=cfg.train_split)
+                         num_samples=cfg.num_samples, seed=cfg.seed, train_split=cfg.train_split,
+                         image_column=cfg.image_column, label_column=cfg.label_column)
 
 
 def data_config_from_config(cfg: Config, spec: Any, weights_data: Mapping[str, Any] | None = None) -> DataConfig:
