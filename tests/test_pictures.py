@@ -17,13 +17,13 @@ import torch
 from PIL import Image
 from rich.console import Console
 
-import vitkit.tools.validate as validate_tool
+import vitkit.engine.monitor as monitor
 from vitkit.cli import main as cli_main
 from vitkit.data.preprocess import DataConfig
 from vitkit.engine.checkpoint import save_checkpoint
-from vitkit.engine.monitor import STEPS, Monitor, curves_figure, read_jsonl
+from vitkit.engine.monitor import STEPS, Monitor, confusion_figure, curves_figure, read_jsonl
 from vitkit.models import create_model, get_spec
-from vitkit.tools.validate import confusion_figure, run_validate
+from vitkit.tools.validate import run_validate
 
 to_hex = pytest.importorskip("matplotlib.colors").to_hex  # matplotlib is the optional `log` extra
 
@@ -90,7 +90,7 @@ def test_vitkit_validate_writes_the_png_with_model_and_top1_in_its_title(tmp_pat
         figures.append(confusion_figure(*args, **kwargs))
         return figures[-1]
 
-    monkeypatch.setattr(validate_tool, "confusion_figure", keep)
+    monkeypatch.setattr(monitor, "confusion_figure", keep)
     csv_path = tmp_path / "cm.csv"
     got = run_validate(["--ckpt_path", str(ckpt), "--data_dir", str(data), "--dataset", "imagefolder",
                         "--val_split", "test", "--num_parallel_workers", "0", "--confusion_matrix", str(csv_path)])

@@ -12,7 +12,9 @@ VERBS: dict[str, tuple[str, str]] = {
     "train": ("vitkit.engine.train", "train or finetune from a recipe: vitkit train -c configs/vit/... [--key value]"),
     "validate": ("vitkit.tools.validate", "top-1/top-5 of a checkpoint or pretrained weights on a dataset"),
     "predict": ("vitkit.tools.predict", "top-k classes of images: vitkit predict CKPT IMAGE|DIR"),
-    "export": ("vitkit.tools.export", "export a checkpoint to onnx, torchscript or pt2, checked against eager"),
+    "export": ("vitkit.tools.export", "export a checkpoint to onnx, torchscript, pt2, or a timm / transformers "
+                                      "folder, checked against eager"),
+    "push": ("vitkit.tools.push", "upload a checkpoint or export folder to the Hugging Face Hub"),
     "serve": ("vitkit.tools.serve", "HTTP service for a checkpoint or an ONNX model"),
     "benchmark": ("vitkit.tools.benchmark", "images/s, step time, memory and MFU, optionally against timm"),
     "models": ("vitkit.tools.models", "list registered models with their metadata"),

@@ -173,10 +173,11 @@ def _check_finite(path: Path, tensors: dict[str, torch.Tensor]) -> None:
                                f"save?); pass --allow_nonfinite to load it anyway for inspection")
 
 
-def load_checkpoint(path: str | Path, *, allow_nonfinite: bool = False) -> Checkpoint:
+def load_checkpoint(path: str | Path, *, allow_nonfinite: bool = False, weights: bool = True) -> Checkpoint:
     """Read a vitkit checkpoint, checking every field before it is used: a missing, truncated, foreign or
     inconsistent file (metadata that is not JSON, tensors of another model, NaN weights) is a one-line
-    WeightsError naming the file."""
+    WeightsError naming the file. `weights=False` checks the header the same way and reads no tensor
+    (`state_dict` is empty): what the checkpoint is, for model cards and listings."""
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"checkpoint {path} does not exist")
@@ -206,7 +207,7 @@ def load_checkpoint(path: str | Path, *, allow_nonfinite: bool = False) -> Check
         _check_tensors(path, arch, {k[len(EMA_PREFIX):]: v for k, v in shapes.items() if k.startswith(EMA_PREFIX)},
                        {k[len(EMA_PREFIX):]: v for k, v in dtypes.items() if k.startswith(EMA_PREFIX)})
     try:
-        tensors = load_file(str(path))
+        tensors = load_file(str(path)) if weights else {}  # weights=False: what it is, from the header alone
     except (SafetensorError, OSError) as e:
         raise WeightsError(f"{path} could not be read ({e}); the file is truncated or corrupt") from None
     if not allow_nonfinite:

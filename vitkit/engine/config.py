@@ -468,6 +468,10 @@ def _is_number(text: str) -> bool:
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
     p = Path(path)
+    if "\0" in str(p):
+        raise ConfigError(f"config file {str(p)!r} is not a valid path (it holds a NUL byte)")
+    if p.exists() and not p.is_file():  # a folder, a FIFO or a device would fail late or block
+        raise ConfigError(f"config file {str(p)!r} is not a regular file")
     try:
         text = p.read_text()
     except FileNotFoundError:

@@ -48,6 +48,7 @@ def evaluate(
     amp_dtype: torch.dtype | None = None,
     num_classes: int | None = None,
     collect: bool = False,
+    confusion: bool = False,
     progress: Bar | bool | None = None,
 ) -> dict[str, Any]:
     """Evaluate `model` on every batch of `loader`.
@@ -56,7 +57,8 @@ def evaluate(
     `num_images`, `images_per_s` (all ranks' images over this rank's wall time) and `correct1` /
     `correct5`. Top-k is capped at the number of classes (top-5 of a 3-class model is top-3), reported
     as `topk`. With `collect`, also `targets`, `preds` (top-k class indices per image, best first) and
-    `probs` (their softmax probabilities), gathered from all ranks in rank order.
+    `probs` (their softmax probabilities), gathered from all ranks in rank order. With `confusion`, also
+    `confusion`: the (num_classes, num_classes) counts of `confusion_matrix`, summed over all ranks.
     The model's train/eval mode is restored afterwards.
 
     `progress`: a `Bar` (e.g. `Monitor.progress_bar("val")`, which draws on the run's console), or True for a
@@ -67,6 +69,7 @@ def evaluate(
     model.eval()
     autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # correct@1, correct@k, loss sum, images
+    cm: torch.Tensor | None = None
     k = None
     parts: dict[str, list[torch.Tensor]] = {"targets": [], "preds": [], "probs": []}
     if not isinstance(progress, Bar):
@@ -93,6 +96,8 @@ def evaluate(
             sums[1] += hits.any(dim=-1).sum()
             sums[2] += F.cross_entropy(logits, targets, reduction="sum").double()
             sums[3] += targets.numel()
+            if confusion:
+                cm = confusion_matrix(targets, top[:, 0], classes) + (0 if cm is None else cm)
             if collect:
                 parts["targets"].append(targets.cpu())
                 parts["preds"].append(top.cpu())
@@ -115,6 +120,10 @@ def evaluate(
         "correct5": int(correctk),
         "images_per_s": n / elapsed if elapsed > 0 else float("nan"),
     }
+    if confusion:
+        n_cls = num_classes or (cm.shape[0] if cm is not None else 0)
+        cm = all_reduce_sum(cm if cm is not None else torch.zeros(n_cls, n_cls, dtype=torch.long, device=device))
+        result["confusion"] = cm.cpu()
     if collect:
         local = {key: torch.cat(v) if v else torch.empty(0) for key, v in parts.items()}
         ranks = gather_objects(local)  # objects: shard sizes differ by up to one batch

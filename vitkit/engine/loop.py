@@ -42,6 +42,7 @@ from torch.distributed.tensor import DTensor
 
 from vitkit.data.datasets import stratified_subset
 from vitkit.engine import launch, parallel, runtime
+from vitkit.engine.card import write_card
 from vitkit.engine.checkpoint import (
     TRAIN_STATE_FIELDS,
     is_complete_pair,
@@ -55,10 +56,21 @@ from vitkit.engine.data_args import data_config_from_config, dataset_from_config
 from vitkit.engine.ema import ModelEMA
 from vitkit.engine.evaluate import evaluate
 from vitkit.engine.loss import classification_loss
-from vitkit.engine.monitor import Monitor, format_duration, run_info
+from vitkit.engine.monitor import Monitor, format_duration, plot_confusion, run_info
 from vitkit.engine.optim import create_optimizer
 from vitkit.engine.precision import resolve_precision
-from vitkit.engine.saver import CONFIG, LAST, PREV, RUN_INFO, CheckpointSaver, clear_run, next_free_run_dir, used_by_run
+from vitkit.engine.saver import (
+    BEST,
+    CONFIG,
+    CONFUSION,
+    LAST,
+    PREV,
+    RUN_INFO,
+    CheckpointSaver,
+    clear_run,
+    next_free_run_dir,
+    used_by_run,
+)
 from vitkit.engine.schedule import build_schedule, set_lr
 from vitkit.errors import ConfigError, DataError, VitkitError, WeightsError
 from vitkit.models import get_spec, resolve_model_name
@@ -100,6 +112,10 @@ class Stopped(KeyboardInterrupt):
         super().__init__(message)
         self.signum, self.message, self.saved = signum, message, saved
         self.exit_code = 128 + signum
+
+
+# Up to this many classes the validation counts a confusion matrix (confusion.png, the model card).
+CONFUSION_MAX_CLASSES = 100
 
 
 def signal_name(signum: int) -> str:
@@ -253,6 +269,7 @@ class Trainer:
         self.train_loader = loader_from_config(cfg, train_ds, train=True, data_config=self.data_config,
                                                rank=self.rank, world_size=self.world_size)
         self.val_loader = None
+        self.val_confusion: torch.Tensor | None = None  # of the last validation (`CONFUSION_MAX_CLASSES`)
         if cfg.val_while_train:
             val_ds = dataset_from_config(cfg, cfg.val_split, train=False)
             if cfg.val_num_samples is not None:
@@ -499,9 +516,13 @@ class Trainer:
             size = self.cfg.image_resize
             loader = parallel.even_batches(loader, (self.model.cfg.in_chans, size, size))
         for suffix, model in models:
+            confusion = not suffix and self.num_classes <= CONFUSION_MAX_CLASSES
             with torch.random.fork_rng(devices=[]):
                 r = evaluate(model, loader, device=self.device, amp_dtype=self.precision.eval_dtype,
-                             num_classes=self.num_classes, progress=self.monitor.progress_bar(f"val{suffix}"))
+                             num_classes=self.num_classes, confusion=confusion,
+                             progress=self.monitor.progress_bar(f"val{suffix}"))
+            if confusion:
+                self.val_confusion = r["confusion"]
             out.update({f"val_top1{suffix}": r["top1"], f"val_top5{suffix}": r["top5"], f"val_loss{suffix}": r["loss"]})
         out["val_images"] = r["num_images"]
         return out
@@ -526,8 +547,26 @@ class Trainer:
         self.monitor.log_epoch(record, self.step)
         saved = None
         if epoch % cfg.ckpt_save_interval == 0 or last:
+            best_before = self.saver.best_top1
             saved = self.save(keep_epoch=True, val_top1=record["val_top1"])
+            if saved is not None and self.saver.best_top1 != best_before:
+                self.write_card(new_best=True)
         self.monitor.print(self._summary(record, throughput, saved))
+
+    def write_card(self, *, new_best: bool = False) -> None:
+        """The model card of `best` (README.md) in the run folder, with confusion.png of the validation that made
+        it best (`new_best`). A card that cannot be written is a notice, never the end of a run."""
+        best = self.run_dir / BEST
+        if self.rank != 0 or not best.is_file():
+            return
+        try:
+            if new_best and self.val_confusion is not None:
+                top1 = self.saver.best_top1
+                plot_confusion(self.val_confusion, self.class_names, self.run_dir / CONFUSION,
+                               f"{self.model_name} on {self.cfg.val_split}: top-1 {top1:.2f}% (epoch {self.epoch})")
+            write_card(self.run_dir, load_checkpoint(best, weights=False), run_dir=self.run_dir)
+        except (OSError, ValueError, VitkitError) as e:
+            self.monitor.print(f"notice: no model card written ({type(e).__name__}: {e})")
 
     def _summary(self, r: dict[str, Any], throughput: dict[str, float], saved: Path | None) -> str:
         parts = [f"epoch {r['epoch']}/{self.cfg.epoch_size}", f"train loss {r['train_loss']:.4f}",
@@ -596,6 +635,7 @@ class Trainer:
         finally:
             if not at_once:
                 self.monitor.plot_curves()
+                self.write_card()  # now with the final curves
             self.monitor.close()
         return self.last_metrics
 

@@ -28,6 +28,7 @@ from rich.table import Column
 from rich.text import Text
 
 import vitkit
+from vitkit.io import atomic_write
 
 METRICS = "metrics.jsonl"
 STEPS = "steps.jsonl"
@@ -49,6 +50,17 @@ def _git_revision() -> str | None:
     return out.stdout.strip() or None
 
 
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo's 'model name'; platform.processor() elsewhere)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
 def run_info(device: torch.device, argv: list[str] | None = None) -> dict[str, Any]:
     """Where and how a run ran: enough to reproduce it or explain a difference."""
     info: dict[str, Any] = {
@@ -60,6 +72,7 @@ def run_info(device: torch.device, argv: list[str] | None = None) -> dict[str, A
         "torch": torch.__version__,
         "torchvision": torchvision.__version__,
         "platform": platform.platform(),
+        "cpu": cpu_model(),
         "cpu_threads": torch.get_num_threads(),
         "device": str(device),
     }
@@ -313,6 +326,55 @@ class Monitor:
         out = self.run_dir / CURVES
         fig.savefig(out, dpi=100)
         return out
+
+
+MAX_COUNTED_CLASSES = 20  # up to this many classes every cell of the confusion PNG shows its count
+MAX_LABELLED_CLASSES = 50  # beyond this the class names are unreadable; the CSV has them
+
+
+def confusion_figure(cm: torch.Tensor, names: list[str], title: str | None = None) -> Any:
+    """The matplotlib Figure of the confusion matrix PNG: counts coloured (with a colour bar), each cell's
+    count written in it up to MAX_COUNTED_CLASSES classes, class names up to MAX_LABELLED_CLASSES, `title`."""
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    n = len(names)
+    counts = cm.numpy()
+    size = min(4 + 0.4 * n, 40)
+    fig = Figure(figsize=(size + 1.5, size))
+    ax = fig.subplots()
+    image = ax.imshow(counts, cmap="Blues", vmin=0, vmax=max(1, int(counts.max())))
+    bar = fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+    bar.set_label("images")
+    bar.locator = MaxNLocator(integer=True)
+    bar.update_ticks()
+    if n <= MAX_COUNTED_CLASSES:
+        dark = 0.55 * max(1, int(counts.max()))  # white text where the cell is dark enough
+        fontsize = 10 if n <= 10 else 7
+        for i in range(n):
+            for j in range(n):
+                value = int(counts[i, j])
+                ax.text(j, i, str(value), ha="center", va="center", fontsize=fontsize,
+                        color="white" if value > dark else ("black" if value else "0.6"))
+    if n <= MAX_LABELLED_CLASSES:
+        ax.set_xticks(range(n), names, rotation=90)
+        ax.set_yticks(range(n), names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+def plot_confusion(cm: torch.Tensor, names: list[str], path: Path, title: str | None = None) -> Path | None:
+    """confusion.png-style picture of `cm` at `path` (atomic); None without matplotlib."""
+    try:
+        fig = confusion_figure(cm, names, title)
+    except ImportError:  # matplotlib is an optional extra (`vitkit[log]`)
+        return None
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    return path
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:

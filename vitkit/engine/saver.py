@@ -37,9 +37,12 @@ INDEX = "checkpoints.json"
 CONFIG = "config.yaml"
 RUN_INFO = "run_info.json"
 TENSORBOARD = "tensorboard"
+CARD = "README.md"  # the model card of `best` (vitkit/engine/card.py)
+CONFUSION = "confusion.png"  # the confusion matrix of `best` on the validation split
 # A folder holding any of these holds a run (regular files only: a planted /dev/full link is no run).
 RUN_MARKERS = (LAST, INDEX, METRICS, CONFIG)
-RUN_RECORDS = (INDEX, METRICS, "steps.jsonl", CONFIG, RUN_INFO, CURVES)  # steps.jsonl: the monitor's step records
+# steps.jsonl: the monitor's step records
+RUN_RECORDS = (INDEX, METRICS, "steps.jsonl", CONFIG, RUN_INFO, CURVES, CARD, CONFUSION)
 # Checkpoint pairs a run writes: last, prev, best and <model>-e<epoch>; their temporaries (.<name>.<x>.tmp/.link).
 _CHECKPOINT = re.compile(r"(last|prev|best|.+-e\d{4,})\.(safetensors|state\.pt)")
 _TEMPORARY = re.compile(r"\.(?P<name>.+?)\.(\w+\.tmp|link)")

@@ -3,7 +3,13 @@
 Our model and the reference run in the same process, on the same batch, interleaved repeat by repeat, and
 the median is reported, so a busy machine slows both alike. Compile warm-up is excluded from every figure.
 
+The reference of a backbone-family name (DINOv2, SigLIP, CLIP, EVA-02, ROPE-ViT, DINOv3, DeiT III) is timm's own
+model of that name (`timm.create_model(timm name, pretrained=False)`: VisionTransformer or Eva, with timm's own
+layers, e.g. EVA-02 B's separate q/k/v and SwiGLU projections), holding our weights (`vitkit_to_eva` for Eva);
+for the plain names it is timm's VisionTransformer built from the same ViTConfig.
+
     vitkit benchmark --model vit_b_32_224 --batch_size 8 --compare timm
+    vitkit benchmark --model vit_s_14_reg4_dinov2 --batch_size 4 --mode infer --compare timm
     vitkit benchmark --model vit_b_16_224 --batch_size 256 --precision bf16 --compile --compare timm
 """
 from __future__ import annotations
@@ -15,6 +21,7 @@ import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -23,8 +30,9 @@ from vitkit.args import VerbParser
 from vitkit.engine.optim import create_optimizer
 from vitkit.engine.runtime import pick_device, setup_tf32
 from vitkit.models import create_model, get_spec
-from vitkit.models.registry import count_macs
-from vitkit.models.vit import ViTConfig
+from vitkit.models.registry import count_macs, timm_model_name
+from vitkit.models.vit import ViTConfig, VisionTransformer
+from vitkit.weights.formats import is_eva, vitkit_to_eva
 
 # Dense peak FLOP/s from the vendors' data sheets (no sparsity), for MFU. Keys are substrings of device names.
 PEAK_FLOPS = {
@@ -46,20 +54,42 @@ class Result:
     warmup_s: float = 0.0  # the untimed warm-up steps (compilation and autotuning with --compile)
 
 
-def timm_twin(cfg: ViTConfig) -> torch.nn.Module:
-    """timm's VisionTransformer with the same architecture (the reference we compare against)."""
-    from functools import partial
-
+def timm_twin(cfg: ViTConfig, timm_model: str | None = None) -> torch.nn.Module:
+    """timm's model with the same architecture (the reference we compare against): `timm_model` (a backbone
+    family's timm name, `timm_model_name`) built by timm with cfg's depth, input size and head, else timm's
+    VisionTransformer built from cfg (registers, no_embed_class, "map" pooling, quick GELU and packed SwiGLU
+    included; RoPE needs timm's Eva, i.e. a timm name). One combination is the same work but not the same
+    function: "map" with SwiGLU, whose pool MLP timm runs with the blocks' SiLU, vitkit with cfg.act."""
+    import timm
+    from timm.layers import SwiGLUPacked
     from timm.models.vision_transformer import VisionTransformer as TimmViT
 
+    if timm_model is not None:
+        return timm.create_model(timm_model, pretrained=False, depth=cfg.depth, img_size=cfg.img_size,
+                                 num_classes=cfg.num_classes, global_pool=cfg.global_pool)
+    if cfg.rope != "none" or cfg.scale_mlp_norm:
+        raise ValueError("timm's VisionTransformer has no RoPE or MLP norm; compare a backbone-family name "
+                         "(its timm twin is timm's Eva)")
+    glu = cfg.mlp == "swiglu"
+    act = {"gelu": "gelu", "gelu_tanh": "gelu_tanh", "quick_gelu": "quick_gelu"}[cfg.act]
     return TimmViT(
         img_size=cfg.img_size, patch_size=cfg.patch_size, in_chans=cfg.in_chans, num_classes=cfg.num_classes,
         embed_dim=cfg.embed_dim, depth=cfg.depth, num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio,
         qkv_bias=cfg.qkv_bias, qk_norm=cfg.qk_norm, init_values=cfg.init_values, class_token=cfg.class_token,
-        global_pool=cfg.global_pool, fc_norm=cfg.fc_norm, pre_norm=cfg.pre_norm,
+        reg_tokens=cfg.reg_tokens, no_embed_class=cfg.no_embed_class, global_pool=cfg.global_pool,
+        fc_norm=cfg.fc_norm, pre_norm=cfg.pre_norm, dynamic_img_size=cfg.dynamic_img_size,
+        pos_embed="learn" if cfg.pos_embed == "learn" else "none",
         norm_layer=partial(torch.nn.LayerNorm, eps=cfg.norm_eps),
-        act_layer=partial(torch.nn.GELU, approximate="tanh" if cfg.act == "gelu_tanh" else "none"),
+        act_layer=torch.nn.SiLU if glu else act, **({"mlp_layer": SwiGLUPacked} if glu else {}),
     )
+
+
+def same_weights(ref: torch.nn.Module, ours: VisionTransformer) -> torch.nn.Module:
+    """`ref` (timm's twin) holding `ours`'s weights, loaded strictly (so it is the same architecture)."""
+    like = ref.state_dict()
+    sd = ours.state_dict()
+    ref.load_state_dict(vitkit_to_eva(sd, like) if is_eva(like) else sd)
+    return ref
 
 
 def peak_flops(device: torch.device, precision: str) -> float | None:
@@ -140,9 +170,8 @@ def run(
     ours = create_model(model_name, img_size=img_size).to(dev)
     impls = {"vitkit": ours}
     if compare == "timm":
-        ref = timm_twin(ours.cfg).to(dev)
-        ref.load_state_dict(ours.state_dict())  # same weights: same work
-        impls["timm"] = ref
+        ref = same_weights(timm_twin(ours.cfg, timm_model_name(model_name)), ours)  # same weights: same work
+        impls["timm"] = ref.to(dev)
     elif compare:
         raise SystemExit(f"--compare supports 'timm', got {compare!r}")
     size = ours.cfg.img_size

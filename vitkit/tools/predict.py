@@ -2,10 +2,13 @@
 
 A file that cannot be used (corrupt, truncated, not an image, too large) gets a one-line error of its own
 and the other files are still answered; the exit code is 1 when any file failed. Over several files a
-progress bar runs on stderr when it is a terminal (stdout carries only the results).
+progress bar runs on stderr when it is a terminal (stdout carries only the results). Weights holding NaN or
+inf are an error naming the tensor unless `--allow_nonfinite` (to inspect a broken run; JSON then says null
+for a non-finite probability, never the invalid NaN).
 """
 from __future__ import annotations
 
+import argparse
 import csv
 import io
 import json
@@ -16,9 +19,13 @@ from typing import Any
 import torch
 
 from vitkit.args import VerbParser
+from vitkit.engine.checkpoint import is_vitkit_checkpoint, load_checkpoint
 from vitkit.engine.monitor import Bar
-from vitkit.errors import VitkitError
+from vitkit.errors import VitkitError, WeightsError
+from vitkit.models.registry import get_spec, resolve_model_name
 from vitkit.tools import inference
+from vitkit.tools.validate import finite_or_null, model_with_weights
+from vitkit.weights import load_weights
 
 
 def build_parser() -> VerbParser:
@@ -32,7 +39,33 @@ def build_parser() -> VerbParser:
     p.add_argument("--batch_size", type=int, default=32)
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--max_pixels", type=int, default=inference.DEFAULT_MAX_PIXELS, help="refuse larger images")
+    p.add_argument("--allow_nonfinite", action="store_true",
+                   help="load weights holding NaN or inf anyway (to inspect a diverged run)")
     return p
+
+
+def load_model(args: argparse.Namespace) -> inference.InferenceModel:
+    """`inference.load_inference_model`; with --allow_nonfinite, a checkpoint or weights file is loaded the
+    same way but without refusing NaN or inf (published weights, by model name, are finite)."""
+    source = args.source
+    if not args.allow_nonfinite or not Path(source).is_file():
+        return inference.load_inference_model(source, model_name=args.model, use_ema=args.use_ema,
+                                              device=args.device)
+    if is_vitkit_checkpoint(source):
+        ckpt = load_checkpoint(source, allow_nonfinite=True)
+        if args.model and resolve_model_name(args.model) != ckpt.model_name:
+            raise WeightsError(f"{source} is a {ckpt.model_name} checkpoint, not {args.model}; drop --model")
+        model = ckpt.build_model(use_ema=args.use_ema)
+        names = inference.default_class_names(ckpt.arch.num_classes, ckpt.class_names)
+        return inference.InferenceModel(model.to(args.device), ckpt.model_name, ckpt.data_config, names, source)
+    if args.use_ema or not args.model:  # errors only: load_inference_model says what is missing
+        return inference.load_inference_model(source, model_name=args.model, use_ema=args.use_ema,
+                                              device=args.device)
+    loaded = load_weights(source, model_name=args.model)
+    model = model_with_weights(args.model, loaded, allow_nonfinite=True).eval()
+    dc = loaded.data_config(get_spec(args.model), model.cfg.img_size)
+    names = inference.default_class_names(model.cfg.num_classes, loaded.class_names)
+    return inference.InferenceModel(model.to(args.device), resolve_model_name(args.model), dc, names, source)
 
 
 @torch.no_grad()
@@ -71,8 +104,8 @@ def predict_files(im: inference.InferenceModel, files: list[Path], *, topk: int 
 
 
 def format_results(results: list[dict[str, Any]], fmt: str) -> str:
-    if fmt == "json":
-        return json.dumps(results, indent=2)
+    if fmt == "json":  # strict JSON: a NaN probability (--allow_nonfinite) is null
+        return json.dumps(finite_or_null(results), indent=2, allow_nan=False)
     if fmt == "csv":
         buf = io.StringIO()
         w = csv.writer(buf)
@@ -101,7 +134,7 @@ def main(argv: list[str]) -> int:
     if not files:
         print("error: no image files found in " + ", ".join(args.inputs), file=sys.stderr)
         return 2
-    im = inference.load_inference_model(args.source, model_name=args.model, use_ema=args.use_ema, device=args.device)
+    im = load_model(args)
     results = predict_files(im, files, topk=args.topk, batch_size=args.batch_size, max_pixels=args.max_pixels,
                             progress=Bar("predict", enabled=len(files) > 1))
     print(format_results(results, args.format))

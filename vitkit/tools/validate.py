@@ -10,13 +10,16 @@ recipe's YAML values already shaped what the checkpoint recorded.
 
 It evaluates with `vitkit.engine.evaluate.evaluate`, the function the training loop calls, so the numbers
 are the loop's. Weights that do not fit (another model, another number of classes, a dataset with other
-classes) are an error naming the mismatch; no weights at all is an error unless `--allow_random`.
+classes) are an error naming the mismatch; no weights at all is an error unless `--allow_random`. Weights
+holding NaN or inf are an error naming the tensor unless `--allow_nonfinite` (to inspect a broken run; the
+results file then holds null for a non-finite number).
 """
 from __future__ import annotations
 
 import argparse
 import csv
 import json
+import math
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -31,11 +34,13 @@ from vitkit.engine.config import Config, config_parser, load_config, load_yaml, 
 from vitkit.engine.data_args import dataset_from_config, loader_from_config
 from vitkit.engine.evaluate import confusion_matrix, evaluate, per_class_accuracy
 from vitkit.engine.launch import detect_launcher, distributed_session, gather_objects, is_main
-from vitkit.engine.monitor import Bar
+from vitkit.engine.monitor import Bar, plot_confusion
 from vitkit.engine.precision import resolve_precision
 from vitkit.errors import ConfigError, DataError, WeightsError
 from vitkit.models.registry import build_config, get_spec, resolve_model_name
-from vitkit.weights import create_model, load_weights
+from vitkit.models.vit import VisionTransformer
+from vitkit.tools.export import OnnxModel
+from vitkit.weights import NonFiniteWeightsError, PretrainedWeights, create_model, fit_weights, load_weights
 
 # Dataset settings a checkpoint's saved run config lends to validate (never its weights keys: its ckpt_path
 # and pretrained are where *training* started from).
@@ -48,6 +53,8 @@ def build_parser(with_config: bool = False) -> VerbParser:
     """validate's own options; `with_config` adds every config key too (its --help)."""
     p = config_parser("validate", __doc__) if with_config else VerbParser("validate", __doc__)
     p.add_argument("--use_ema", action="store_true", help="evaluate the checkpoint's EMA weights")
+    p.add_argument("--onnx", default=None, metavar="MODEL.onnx", help="validate an exported ONNX model (fp32 or "
+                   "int8, `vitkit export`) with the preprocessing and classes of its .onnx.json")
     p.add_argument("--results_file", default=None, help="write the results as JSON to this file")
     p.add_argument("--per_class", action="store_true", help="print (and save) top-1 of every class")
     p.add_argument("--confusion_matrix", default=None, metavar="CSV", help="write the confusion matrix as CSV "
@@ -55,6 +62,8 @@ def build_parser(with_config: bool = False) -> VerbParser:
     p.add_argument("--mistakes", default=None, metavar="CSV", help="write every misclassified image as CSV")
     p.add_argument("--allow_random", action="store_true",
                    help="evaluate a randomly initialised model when no weights are given (a chance-level baseline)")
+    p.add_argument("--allow_nonfinite", action="store_true",
+                   help="load weights holding NaN or inf anyway (to inspect a diverged run)")
     return p
 
 
@@ -113,8 +122,24 @@ def model_from_checkpoint(cfg: Config, ckpt: Checkpoint, use_ema: bool, given: s
     return model, _override_preprocessing(ckpt.data_config, cfg, given), ckpt.class_names
 
 
+def model_with_weights(name: str, loaded: PretrainedWeights, *, allow_nonfinite: bool = False) -> VisionTransformer:
+    """`create_model(name, pretrained=loaded)`; with `allow_nonfinite` the same architecture (the weights'
+    numerics and head) with their tensors loaded even where they hold NaN or inf."""
+    if not allow_nonfinite:
+        return create_model(name, pretrained=loaded)
+    arch = dict(loaded.arch)
+    num_classes = arch.pop("num_classes", None)
+    try:
+        model = create_model(name, num_classes=num_classes, **arch)
+    except ValueError as e:
+        raise WeightsError(f"{loaded.origin} holds another architecture than {name} ({e})") from None
+    fit_weights(model, loaded, allow_nonfinite=True)
+    return model
+
+
 def model_from_weights(cfg: Config, weights: bool | str, allow_random: bool, dataset_classes: int | None,
-                       given: set[str]) -> tuple[torch.nn.Module, DataConfig, list[str] | None]:
+                       given: set[str], allow_nonfinite: bool = False
+                       ) -> tuple[torch.nn.Module, DataConfig, list[str] | None]:
     """`cfg.model` with foreign weights (or random ones with `allow_random`), its eval preprocessing (keys in
     `given`, from the command line or the recipe, override it) and the class names the weights state, if any.
 
@@ -134,7 +159,9 @@ def model_from_weights(cfg: Config, weights: bool | str, allow_random: bool, dat
     else:
         loaded = load_weights(weights, model_name=cfg.model)
         try:
-            model = create_model(cfg.model, pretrained=loaded)
+            model = model_with_weights(cfg.model, loaded, allow_nonfinite=allow_nonfinite)
+        except NonFiniteWeightsError:
+            raise  # they fit; they are broken
         except WeightsError as e:
             raise WeightsError(f"{loaded.origin} does not fit {cfg.model}: {e}") from None
         if cfg.num_classes is not None and model.num_classes != cfg.num_classes:
@@ -194,7 +221,7 @@ def write_reports(opts: argparse.Namespace, result: dict[str, Any], names: list[
                 w.writerows([names[i]] + row for i, row in enumerate(cm.tolist()))
 
         atomic_write(path, write_csv)
-        png = _plot_confusion(cm, names, path.with_suffix(".png"), title)
+        png = plot_confusion(cm, names, path.with_suffix(".png"), title)
         print(f"confusion matrix: {path}" + (f" and {png}" if png else " (install matplotlib for the PNG)"))
     if opts.mistakes:
         wrong = (top1 != targets).nonzero().flatten().tolist()
@@ -213,54 +240,6 @@ def write_reports(opts: argparse.Namespace, result: dict[str, Any], names: list[
     return extra
 
 
-MAX_COUNTED_CLASSES = 20  # up to this many classes every cell of the confusion PNG shows its count
-MAX_LABELLED_CLASSES = 50  # beyond this the class names are unreadable; the CSV has them
-
-
-def confusion_figure(cm: torch.Tensor, names: list[str], title: str | None = None) -> Any:
-    """The matplotlib Figure of the confusion matrix PNG: counts coloured (with a colour bar), each cell's
-    count written in it up to MAX_COUNTED_CLASSES classes, class names up to MAX_LABELLED_CLASSES, `title`."""
-    from matplotlib.figure import Figure
-    from matplotlib.ticker import MaxNLocator
-
-    n = len(names)
-    counts = cm.numpy()
-    size = min(4 + 0.4 * n, 40)
-    fig = Figure(figsize=(size + 1.5, size))
-    ax = fig.subplots()
-    image = ax.imshow(counts, cmap="Blues", vmin=0, vmax=max(1, int(counts.max())))
-    bar = fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
-    bar.set_label("images")
-    bar.locator = MaxNLocator(integer=True)
-    bar.update_ticks()
-    if n <= MAX_COUNTED_CLASSES:
-        dark = 0.55 * max(1, int(counts.max()))  # white text where the cell is dark enough
-        fontsize = 10 if n <= 10 else 7
-        for i in range(n):
-            for j in range(n):
-                value = int(counts[i, j])
-                ax.text(j, i, str(value), ha="center", va="center", fontsize=fontsize,
-                        color="white" if value > dark else ("black" if value else "0.6"))
-    if n <= MAX_LABELLED_CLASSES:
-        ax.set_xticks(range(n), names, rotation=90)
-        ax.set_yticks(range(n), names)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    if title:
-        ax.set_title(title)
-    fig.tight_layout()
-    return fig
-
-
-def _plot_confusion(cm: torch.Tensor, names: list[str], path: Path, title: str | None = None) -> Path | None:
-    try:
-        fig = confusion_figure(cm, names, title)
-    except ImportError:  # matplotlib is an optional extra (`vitkit[log]`)
-        return None
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
-    return path
-
-
 def run_validate(argv: list[str]) -> dict[str, Any]:
     """Parse, build, evaluate, report; returns the results dict (without per-sample tensors)."""
     opts, rest = build_parser().parse_known_args(argv)
@@ -272,13 +251,18 @@ def run_validate(argv: list[str]) -> dict[str, Any]:
         if cfg.pretrained:
             raise ConfigError("give either ckpt_path or pretrained, not both: which weights should be validated?")
         if is_vitkit_checkpoint(cfg.ckpt_path):
-            ckpt = load_checkpoint(cfg.ckpt_path)
+            ckpt = load_checkpoint(cfg.ckpt_path, allow_nonfinite=opts.allow_nonfinite)
     if opts.use_ema and ckpt is None:
         raise WeightsError("--use_ema needs a vitkit checkpoint in --ckpt_path (other weights carry no EMA copy)")
     cfg = resolve(rest, defaults=_checkpoint_defaults(ckpt) if ckpt is not None else {}, launch=detect_launcher())
     with distributed_session(distribute=cfg.distribute, device=cfg.device) as info:
         ds = dataset_from_config(cfg, cfg.val_split, train=False)
-        if ckpt is not None:
+        if opts.onnx:  # an exported model in onnxruntime, behind a module (vitkit.tools.export.OnnxModel)
+            model = OnnxModel(opts.onnx)
+            dc, class_names = _override_preprocessing(model.data_config, cfg, given_keys(rest, with_yaml=False)), \
+                model.class_names
+            source, model_name = opts.onnx, model.meta["model_name"]
+        elif ckpt is not None:
             model, dc, class_names = model_from_checkpoint(cfg, ckpt, opts.use_ema, given_keys(rest, with_yaml=False),
                                                            given_keys(rest, with_yaml=True))
             source, model_name = str(ckpt.path), ckpt.model_name
@@ -287,7 +271,7 @@ def run_validate(argv: list[str]) -> dict[str, Any]:
             classes = getattr(ds, "classes", None)
             model, dc, class_names = model_from_weights(cfg, weights, opts.allow_random,
                                                         len(classes) if classes else None,
-                                                        given_keys(rest, with_yaml=True))
+                                                        given_keys(rest, with_yaml=True), opts.allow_nonfinite)
             source, model_name = str(weights or "random weights"), cfg.model
         if dc.input_size != model.cfg.img_size:  # evaluate at another resolution, as timm's --img-size
             model.set_input_size(dc.input_size)
@@ -320,10 +304,21 @@ def run_validate(argv: list[str]) -> dict[str, Any]:
             title = (f"{model_name}{' (EMA)' if opts.use_ema else ''} on {cfg.val_split}: top-1 {result['top1']:.2f}% "
                      f"({result['num_images']} images)")
             summary.update(write_reports(opts, result, names, samples, title))
-        if opts.results_file:
-            text = json.dumps(summary, indent=2)
+        if opts.results_file:  # strict JSON: a NaN loss (--allow_nonfinite) is null
+            text = json.dumps(finite_or_null(summary), indent=2, allow_nan=False)
             atomic_write(opts.results_file, lambda tmp: Path(tmp).write_text(text))
         return summary
+
+
+def finite_or_null(value: Any) -> Any:
+    """`value` (nested dicts and lists) with NaN and inf floats replaced by None: strict JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: finite_or_null(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_null(v) for v in value]
+    return value
 
 
 def main(argv: list[str]) -> int:

@@ -123,7 +123,7 @@ def resolve_model(name: str) -> ModelName:
     if resolved.tag is not None:
         source = find_source(resolved.name, resolved.tag)
         if source is None or source.format != "timm":
-            timm = registry.timm_name(resolved.name)
+            timm = registry.timm_model_name(resolved.name)
             tags = [s.tag for s in sources_for(resolved.name) if s.format == "timm"]
             known = f"known: {', '.join(f'{timm}.{t}' for t in tags)}" if tags else "no timm weights are known"
             raise WeightsError(f"{name}: {resolved.tag!r} is not a timm tag vitkit knows for {timm} ({known})")
@@ -199,8 +199,15 @@ def load_weights(pretrained: bool | str | Path | PretrainedWeights, *,
     raise WeightsError(f"pretrained={text!r}: no such file or folder, and not a URL or hub id.{hint}")
 
 
-def fit_weights(model: VisionTransformer, weights: PretrainedWeights, *, allow_missing: bool = False) -> FitReport:
-    """Load `weights` into `model` in place: head reset / pos-embed resampling as needed, errors otherwise."""
+class NonFiniteWeightsError(WeightsError):
+    """Weights holding NaN or inf (`fit_weights` without `allow_nonfinite`): broken, not of another model."""
+
+
+def fit_weights(model: VisionTransformer, weights: PretrainedWeights, *, allow_missing: bool = False,
+                allow_nonfinite: bool = False) -> FitReport:
+    """Load `weights` into `model` in place: head reset / pos-embed resampling as needed, errors otherwise. A
+    tensor to be loaded that holds NaN or inf is a WeightsError naming its key, unless `allow_nonfinite` (to
+    inspect a broken file)."""
     target = model.state_dict()
     sd = dict(weights.state_dict)
     report = FitReport(loaded=0, total=len(target))
@@ -220,7 +227,7 @@ def fit_weights(model: VisionTransformer, weights: PretrainedWeights, *, allow_m
 
     if "pos_embed" in sd and "pos_embed" in target and sd["pos_embed"].shape != target["pos_embed"].shape:
         old, new = sd["pos_embed"], target["pos_embed"]
-        prefix = model.num_prefix_tokens
+        prefix = model.cfg.pos_embed_prefix_tokens  # rows of prefix tokens: none with no_embed_class (DINOv2)
         if old.ndim != 3 or old.shape[-1] != new.shape[-1]:
             raise WeightsError(f"pos_embed: weights have shape {tuple(old.shape)}, {name} expects {tuple(new.shape)}")
         try:
@@ -242,6 +249,12 @@ def fit_weights(model: VisionTransformer, weights: PretrainedWeights, *, allow_m
     if report.missing and not allow_missing:
         raise WeightsError(f"{weights.origin} lacks {len(report.missing)} tensors of {name}: "
                            f"{_short(report.missing)} (wrong model or a partial checkpoint?)")
+    if not allow_nonfinite:
+        for key in sorted(common):
+            if sd[key].is_floating_point() and not torch.isfinite(sd[key]).all():
+                raise NonFiniteWeightsError(f"{weights.origin}: tensor {key} holds NaN or infinite values (weights "
+                                            f"of a diverged run?); pass allow_nonfinite=True (--allow_nonfinite) "
+                                            f"to load them anyway for inspection")
     model.load_state_dict({k: sd[k] for k in common}, strict=False)
     report.loaded = len(common)
 
@@ -277,7 +290,7 @@ def load_pretrained(model: VisionTransformer, name: str | None, pretrained: bool
 
 
 __all__ = ["PretrainedWeights", "FitReport", "load_weights", "fit_weights", "load_pretrained", "sources_for",
-           "WeightSource", "resolve_model"]
+           "WeightSource", "resolve_model", "NonFiniteWeightsError"]
 
 
 def create_model(name: str, *, pretrained: bool | str | Path | PretrainedWeights = False,
@@ -296,6 +309,8 @@ def create_model(name: str, *, pretrained: bool | str | Path | PretrainedWeights
     weights = load_weights(pretrained, model_name=resolved.given)
     arch = dict(weights.arch)  # the source's numerics and head size; the caller's own arguments win
     source_classes = arch.pop("num_classes", None)
+    if arch.get("init_values") and registry.get_spec(name).arch.init_values:
+        del arch["init_values"]  # it only switches layer scale on (the gammas are loaded): the name's value stays
     num_classes = source_classes if num_classes is None else num_classes
     overrides = {**arch, **overrides}
     try:
@@ -318,7 +333,8 @@ def model_info(name: str) -> dict[str, Any]:
     return {
         "name": name,
         "aliases": registry.aliases(name)[1:],
-        "timm_name": registry.timm_name(name),
+        "timm_name": registry.timm_model_name(name),
+        "family": spec.model_family,
         "input_size": spec.input_size,
         "patch_size": spec.arch.patch_size,
         "embed_dim": spec.arch.embed_dim,
@@ -332,4 +348,5 @@ def model_info(name: str) -> dict[str, Any]:
         "interpolation": spec.interpolation,
         "crop_pct": spec.crop_pct,
         "pretrained": [s.tag for s in sources_for(name)],
+        "notes": spec.notes,
     }

@@ -11,9 +11,12 @@ checkpoint's data_config; those keys are listed in `data_stated`) over the prepr
 for that format (`format_data`), so weights are never evaluated with another source's statistics:
   timm         mean = std = 0.5, bicubic, crop_pct 0.9, 1.0 at >= 384 px: timm's `_cfg` defaults for ViT, which
                every timm tag of our architectures uses (timm 1.0.31 `default_cfgs`; the MAE/DINO tags, with
-               ImageNet statistics, are not in our sources table). Only for tensors shaped like a timm ViT
-               (width and patch of one of timm's vit_{tiny..huge}_patch*): a plain state dict of vitkit's own
-               small models has the same key names and keeps its model's registered preprocessing.
+               ImageNet statistics, are not in our sources table). Only for tensors shaped like a plain timm ViT
+               (width and patch of one of timm's vit_{tiny..huge}_patch*, and none of the backbone families'
+               structure: registers, layer scale, pre-norm, attention pooling, SwiGLU, no position embedding,
+               timm's Eva layout): a plain state dict of vitkit's own small models has the same key names and
+               keeps its model's registered preprocessing, and so do the families' (DINOv2, SigLIP, CLIP, EVA-02,
+               ROPE-ViT, DINOv3, DeiT III), whose registered preprocessing is timm's own cfg for them.
   jax          Google's .npz: the same as timm, which is what timm's cfgs for those very .npz URLs say.
   torchvision  ImageNet mean/std; IMAGENET1K_V1 (the DEFAULT weights of vit_b_16/b_32/l_16/l_32): bilinear,
                crop 224/256 (vit_l_16: 224/242); SWAG (inputs above 224 px, and every vit_h_14): bicubic, no
@@ -26,7 +29,9 @@ for that format (`format_data`), so weights are never evaluated with another sou
 
 Formats:
   vitkit       our own safetensors checkpoint (vitkit.engine.checkpoint), with its arch and preprocessing
-  timm         timm state dicts (.safetensors/.pth/.bin), or a timm hub folder (config.json + weights)
+  timm         timm state dicts (.safetensors/.pth/.bin), or a timm hub folder (config.json + weights); timm's
+               `Eva` layout (EVA-02, ROPE-ViT, DINOv3: gamma_1, q_bias / v_bias, q_proj / k_proj / v_proj,
+               mlp.fc1_g / fc1_x) is recognised by those keys and renamed by `eva_to_vitkit`
   torchvision  torchvision.models.vit_* state dicts (class_token, conv_proj, encoder.layers.encoder_layer_N)
   transformers Hugging Face ViTModel / ViTForImageClassification (folder with config.json + weights)
   jax          Google's .npz (original ViT, AugReg, big_vision), laid out as timm's `_load_weights` reads it
@@ -56,10 +61,17 @@ from vitkit.weights.mindspore_ckpt import read_mindspore_ckpt
 # The prefix of the EMA copy's tensors in a vitkit checkpoint (written by engine/checkpoint.py).
 EMA_PREFIX = "ema."
 
-# ViTConfig fields a source may decide (numerics and structure flags). Sizes (embed_dim, depth, patch_size)
-# are never taken from a source: the model name decides them and a mismatch is an error naming the key.
-ARCH_FIELDS = ("num_classes", "num_heads", "qkv_bias", "qk_norm", "init_values", "class_token", "global_pool",
-               "fc_norm", "pre_norm", "norm_eps", "act", "pos_embed")
+# ViTConfig fields a source may decide (numerics and structure flags). Sizes (embed_dim, depth, patch_size,
+# mlp_ratio) are never taken from a source: the model name decides them and a mismatch is an error naming the key.
+# Of these, the keys of a state dict tell (`infer_arch`) the head size, class token, registers, pooling, qkv
+# bias, q/k norm, layer scale, pre-norm, SwiGLU and the MLP norm; the others (act, norm_eps, no_embed_class,
+# pos_embed, rope and its settings) only a file's own statement can (a vitkit checkpoint's arch, a config.json),
+# else the model name decides them.
+ARCH_FIELDS = ("num_classes", "num_heads", "qkv_bias", "qk_norm", "init_values", "class_token", "reg_tokens",
+               "no_embed_class", "global_pool", "fc_norm", "pre_norm", "norm_eps", "act", "mlp", "scale_mlp_norm",
+               "pos_embed", "rope", "rope_temperature", "rope_grid_indexing", "rope_ref_grid")
+# timm hub config.json `global_pool` values that are ViTConfig pooling modes.
+_GLOBAL_POOLS = ("token", "avg", "map")
 
 # MindSpore defaults that MindCV's ViT inherits: nn.LayerNorm(epsilon=1e-7) and nn.GELU(approximate=True),
 # i.e. the tanh approximation (tests/data/mindcv_vit_tiny.json, numerics_notes).
@@ -86,12 +98,19 @@ _TIMM_SHAPES = {(registry.get_spec(n).arch.embed_dim, registry.get_spec(n).arch.
                 for n in registry.list_models() if registry.timm_name(n)}
 
 
+def _prefix_tokens(sd: Mapping[str, torch.Tensor]) -> int:
+    """Class token plus register tokens of a state dict in our names."""
+    reg = sd.get("reg_token")
+    return (1 if "cls_token" in sd else 0) + (int(reg.shape[1]) if reg is not None and reg.ndim == 3 else 0)
+
+
 def weights_img_size(sd: Mapping[str, torch.Tensor]) -> int | None:
-    """The input size the position embedding was made for (patch grid x patch size), None if it cannot be told."""
+    """The input size the position embedding was made for (patch grid x patch size), None if it cannot be told.
+    The table has a row for each prefix token (class + registers), or none (`no_embed_class`: DeiT III, DINOv2)."""
     pos, proj = sd.get("pos_embed"), sd.get("patch_embed.proj.weight")
     if pos is None or proj is None or pos.ndim != 3 or proj.ndim != 4:
         return None
-    for prefix in dict.fromkeys((1 if "cls_token" in sd else 0, 0)):
+    for prefix in dict.fromkeys((_prefix_tokens(sd), 0)):
         tokens = pos.shape[1] - prefix
         grid = math.isqrt(max(tokens, 0))
         if tokens > 0 and grid * grid == tokens:
@@ -109,6 +128,8 @@ def format_data(fmt: str, sd: Mapping[str, torch.Tensor], *, timm_hub: bool = Fa
     width, patch = (int(proj.shape[0]), int(proj.shape[-1])) if proj is not None and proj.ndim == 4 else (0, 0)
     data: dict[str, Any]
     if fmt in ("timm", "jax"):
+        if fmt == "timm" and not _plain_vit(sd):
+            return {}  # a backbone family's: its registered preprocessing (or its hub config's) decides
         if fmt == "timm" and not timm_hub and (width, patch) not in _TIMM_SHAPES:
             return {}
         data = {"mean": INCEPTION_MEAN, "std": INCEPTION_STD, "interpolation": "bicubic",
@@ -152,20 +173,41 @@ def _rename(sd: Mapping[str, torch.Tensor], rules: list[tuple[str, str]]) -> dic
 
 
 def infer_arch(sd: Mapping[str, torch.Tensor]) -> dict[str, Any]:
-    """Structure flags readable from timm-named keys (class token, pooling norms, qkv bias, head size...)."""
+    """Structure flags readable from timm-named keys (class token, registers, pooling, qkv bias, head size, SwiGLU,
+    ...; ARCH_FIELDS says which fields the keys cannot tell)."""
     arch: dict[str, Any] = {"num_classes": int(sd["head.weight"].shape[0]) if "head.weight" in sd else 0}
     arch["class_token"] = "cls_token" in sd
-    if "fc_norm.weight" in sd:
+    reg = sd.get("reg_token")
+    arch["reg_tokens"] = int(reg.shape[1]) if reg is not None and reg.ndim == 3 else 0
+    if "attn_pool.latent" in sd:
+        arch["global_pool"] = "map"  # SigLIP's attention pool (timm AttentionPoolLatent)
+    elif "fc_norm.weight" in sd:
         arch["global_pool"] = "avg"  # timm: fc_norm exists exactly when pooling by average
     elif not arch["class_token"]:
         arch["global_pool"], arch["fc_norm"] = "avg", False  # big_vision 'gap': final norm, then mean
     if "blocks.0.attn.qkv.weight" in sd:
         arch["qkv_bias"] = "blocks.0.attn.qkv.bias" in sd
     arch["qk_norm"] = "blocks.0.attn.q_norm.weight" in sd
-    arch["pre_norm"] = "norm_pre.weight" in sd
+    arch["pre_norm"] = "norm_pre.weight" in sd  # CLIP; its patch embedding then has no bias (timm, vit.py)
     if "blocks.0.ls1.gamma" in sd:
         arch["init_values"] = 1e-5  # only switches layer scale on; the loaded gammas replace the init value
+    fc1, fc2 = sd.get("blocks.0.mlp.fc1.weight"), sd.get("blocks.0.mlp.fc2.weight")
+    if fc1 is not None and fc2 is not None and fc1.ndim == fc2.ndim == 2:
+        # SwiGLU's fc1 makes the gate and the value (timm SwiGLUPacked): twice the width fc2 reads
+        arch["mlp"] = "swiglu" if fc1.shape[0] == 2 * fc2.shape[1] else "mlp"
+        arch["scale_mlp_norm"] = "blocks.0.mlp.norm.weight" in sd
     return arch
+
+
+def _plain_vit(sd: Mapping[str, torch.Tensor]) -> bool:
+    """Tensors of a plain timm VisionTransformer, none of the backbone families' structure (`format_data`)."""
+    arch, img = infer_arch(sd), weights_img_size(sd)
+    if "pos_embed" not in sd or img is None:
+        return False  # no position embedding: ROPE-ViT, DINOv3 (or no patch embedding at all)
+    grid = (img // int(sd["patch_embed.proj.weight"].shape[-1])) ** 2
+    no_embed_class = "cls_token" in sd and int(sd["pos_embed"].shape[1]) == grid  # DeiT III, DINOv2
+    return not (no_embed_class or arch["reg_tokens"] or arch["pre_norm"] or "init_values" in arch
+                or arch.get("global_pool") == "map" or arch.get("mlp") == "swiglu" or arch.get("scale_mlp_norm"))
 
 
 def _strip_prefixes(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -218,26 +260,69 @@ def from_torchvision(sd: Mapping[str, torch.Tensor]) -> Converted:
 
 # -- Hugging Face transformers ----------------------------------------------------------------------------------
 
-# Names on disk (every published checkpoint) and transformers>=5's in-memory names, both accepted.
-_HF_RULES = [
-    (r"(?:vit\.)?embeddings\.cls_token", "cls_token"),
-    (r"(?:vit\.)?embeddings\.position_embeddings", "pos_embed"),
-    (r"(?:vit\.)?embeddings\.patch_embeddings\.projection\.(weight|bias)", r"patch_embed.proj.\1"),
-    (r"(?:vit\.)?(?:encoder\.layer|layers)\.(\d+)\.layernorm_before\.(weight|bias)", r"blocks.\1.norm1.\2"),
-    (r"(?:vit\.)?(?:encoder\.layer|layers)\.(\d+)\.layernorm_after\.(weight|bias)", r"blocks.\1.norm2.\2"),
-    (r"(?:vit\.)?(?:encoder\.layer\.(\d+)\.attention\.output\.dense|layers\.(\d+)\.attention\.o_proj)\.(weight|bias)",
-     r"blocks.\1\2.attn.proj.\3"),
-    (r"(?:vit\.)?(?:encoder\.layer\.(\d+)\.intermediate\.dense|layers\.(\d+)\.mlp\.fc1)\.(weight|bias)",
-     r"blocks.\1\2.mlp.fc1.\3"),
-    (r"(?:vit\.)?(?:encoder\.layer\.(\d+)\.output\.dense|layers\.(\d+)\.mlp\.fc2)\.(weight|bias)",
-     r"blocks.\1\2.mlp.fc2.\3"),
-    (r"(?:vit\.)?layernorm\.(weight|bias)", r"norm.\1"),
-    (r"classifier\.(weight|bias)", r"head.\1"),
+# One table for both directions: `from_transformers` (convert, pretrained loading) reads it, `to_transformers`
+# (`vitkit export --format hf`) writes it, so the two cannot drift. Each row: vitkit's key, transformers'
+# ViTForImageClassification key as every published checkpoint stores it; `{i}` a block index, `{p}` weight|bias.
+# attn.qkv's rows are the three HF_QKV tensors ([q; k; v], as timm).
+HF_KEYS = [
+    ("cls_token", "vit.embeddings.cls_token"),
+    ("pos_embed", "vit.embeddings.position_embeddings"),
+    ("patch_embed.proj.{p}", "vit.embeddings.patch_embeddings.projection.{p}"),
+    ("blocks.{i}.norm1.{p}", "vit.encoder.layer.{i}.layernorm_before.{p}"),
+    ("blocks.{i}.norm2.{p}", "vit.encoder.layer.{i}.layernorm_after.{p}"),
+    ("blocks.{i}.attn.proj.{p}", "vit.encoder.layer.{i}.attention.output.dense.{p}"),
+    ("blocks.{i}.mlp.fc1.{p}", "vit.encoder.layer.{i}.intermediate.dense.{p}"),
+    ("blocks.{i}.mlp.fc2.{p}", "vit.encoder.layer.{i}.output.dense.{p}"),
+    ("norm.{p}", "vit.layernorm.{p}"),
+    ("head.{p}", "classifier.{p}"),
 ]
-_HF_QKV = re.compile(
-    r"(?:vit\.)?(?:encoder\.layer\.(\d+)\.attention\.attention\.(query|key|value)"
-    r"|layers\.(\d+)\.attention\.(q|k|v)_proj)\.(weight|bias)")
-_HF_ACT = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}
+HF_QKV = ("blocks.{i}.attn.qkv.{p}", "vit.encoder.layer.{i}.attention.attention.{part}.{p}")  # query|key|value
+_HF_PARTS = ("query", "key", "value")
+# Read only: transformers>=5's in-memory names (a state dict taken from a live model).
+_HF5_KEYS = [
+    ("blocks.{i}.norm1.{p}", "vit.layers.{i}.layernorm_before.{p}"),
+    ("blocks.{i}.norm2.{p}", "vit.layers.{i}.layernorm_after.{p}"),
+    ("blocks.{i}.attn.proj.{p}", "vit.layers.{i}.attention.o_proj.{p}"),
+    ("blocks.{i}.mlp.fc1.{p}", "vit.layers.{i}.mlp.fc1.{p}"),
+    ("blocks.{i}.mlp.fc2.{p}", "vit.layers.{i}.mlp.fc2.{p}"),
+]
+_HF5_QKV = "vit.layers.{i}.attention.{part}_proj.{p}"  # part: q|k|v
+
+
+def _key_pattern(template: str, *, optional_vit: bool = False) -> re.Pattern[str]:
+    """A table template as a regex: {i} -> a block index, {p} -> weight|bias, {part} -> a q/k/v name; with
+    `optional_vit`, the leading 'vit.' (ViTModel's checkpoints lack it) may be absent."""
+    rx = re.escape(template)
+    rx = rx.replace(r"\{i\}", r"(?P<i>\d+)").replace(r"\{p\}", r"(?P<p>weight|bias)")
+    rx = rx.replace(r"\{part\}", r"(?P<part>query|key|value|q|k|v)")
+    if optional_vit and rx.startswith(r"vit\."):
+        rx = r"(?:vit\.)?" + rx[len(r"vit\."):]
+    return re.compile(rx)
+
+
+_HF_READ = [(_key_pattern(theirs, optional_vit=True), ours) for ours, theirs in HF_KEYS + _HF5_KEYS]
+_HF_READ_QKV = [_key_pattern(HF_QKV[1], optional_vit=True), _key_pattern(_HF5_QKV, optional_vit=True)]
+_HF_WRITE = [(_key_pattern(ours), theirs) for ours, theirs in HF_KEYS]
+_HF_ACT = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "quick_gelu": "quick_gelu"}
+
+
+def to_transformers(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """vitkit (timm) key names -> ViTForImageClassification's, by HF_KEYS; a key the table has no row for is a
+    WeightsError naming it (the caller refuses architectures HF ViT cannot compute before this)."""
+    out: dict[str, torch.Tensor] = {}
+    qkv = _key_pattern(HF_QKV[0])
+    for key, value in sd.items():
+        if m := qkv.fullmatch(key):
+            for part, chunk in zip(_HF_PARTS, value.chunk(3, dim=0)):
+                out[HF_QKV[1].format(i=m["i"], p=m["p"], part=part)] = chunk.contiguous()
+            continue
+        for pattern, theirs in _HF_WRITE:
+            if m := pattern.fullmatch(key):
+                out[theirs.format(**m.groupdict())] = value
+                break
+        else:
+            raise WeightsError(f"{key} has no counterpart in transformers' ViTForImageClassification")
+    return out
 
 
 def from_transformers(sd: Mapping[str, torch.Tensor], config: Mapping[str, Any] | None = None) -> Converted:
@@ -245,14 +330,14 @@ def from_transformers(sd: Mapping[str, torch.Tensor], config: Mapping[str, Any] 
     parts: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
     rest = {}
     for key, value in sd.items():
-        m = _HF_QKV.fullmatch(key)
-        if m:
-            block = m.group(1) or m.group(3)
-            which = (m.group(2) or m.group(4))[0]  # 'q' | 'k' | 'v'
-            parts.setdefault((block, m.group(5)), {})[which] = value
+        if m := next((m for rx in _HF_READ_QKV if (m := rx.fullmatch(key))), None):
+            parts.setdefault((m["i"], m["p"]), {})[m["part"][0]] = value  # 'q' | 'k' | 'v'
         else:
             rest[key] = value
-    out = _rename(rest, _HF_RULES)
+    out = {}
+    for key, value in rest.items():
+        m, ours = next(((m, ours) for rx, ours in _HF_READ if (m := rx.fullmatch(key))), (None, key))
+        out[ours.format(**m.groupdict()) if m else key] = value
     for (block, kind), qkv in parts.items():
         if set(qkv) != {"q", "k", "v"}:
             raise WeightsError(f"layer {block}: {kind} of query/key/value incomplete ({sorted(qkv)} present)")
@@ -417,19 +502,95 @@ def from_mindcv(sd: Mapping[str, torch.Tensor]) -> Converted:
     return _converted(out, "mindcv", arch=arch, notes=notes)
 
 
+# -- timm Eva (EVA-02, ROPE-ViT, DINOv3) --------------------------------------------------------------------------
+
+# Keys only timm's `Eva` (models/eva.py) has; its other names are VisionTransformer's.
+_EVA_KEY = re.compile(r"blocks\.\d+\.(gamma_[12]|attn\.(q_bias|v_bias|[qkv]_proj\.weight)|mlp\.fc1_[gx]\.weight)")
+_EVA_MOVED = re.compile(r"blocks\.\d+\.(attn\.(q_bias|v_bias|[qkv]_proj\..*)|mlp\.fc1_[gx]\..*)")
+
+
+def is_eva(sd: Mapping[str, Any]) -> bool:
+    """Whether a timm state dict is in `Eva`'s layout (one of the keys `eva_to_vitkit` renames)."""
+    return any(_EVA_KEY.fullmatch(k) for k in sd)
+
+
+def eva_to_vitkit(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A timm `Eva` state dict (models/eva.py: EVA-02, ROPE-ViT, DINOv3) in vitkit's (= timm VisionTransformer's)
+    names; the model docstring (vitkit/models/vit.py) says which ViTConfig each option is.
+
+    - blocks.i.gamma_1 / gamma_2 -> blocks.i.ls1.gamma / ls2.gamma (layer scale)
+    - fused qkv with separate biases: attn.q_bias, attn.v_bias -> attn.qkv.bias = [q_bias, 0, v_bias]
+      (Eva's k bias is a zero, non-persistent buffer; qkv.weight keeps its name)
+    - unfused (qkv_fused=False, EVA-02 B/L): attn.q_proj / k_proj / v_proj .weight -> attn.qkv.weight (concatenated
+      q, k, v), .bias -> attn.qkv.bias (k_proj has no bias: zeros)
+    - SwiGLU with separate fc1 (scale_mlp or swiglu_align_to: EVA-02 B/L, DINOv3 S+/H+/7B): mlp.fc1_g / fc1_x
+      -> mlp.fc1 = [fc1_g; fc1_x] (gate first, as SwiGLUPacked); mlp.norm and mlp.fc2 keep their names
+    - everything else (cls_token, reg_token, pos_embed, patch_embed, norm1/2, attn.proj, mlp.fc1/fc2 of the packed
+      GluMlp, norm, fc_norm, head) keeps its name; RoPE tables are buffers on both sides, not weights.
+    A block with only some of q/k/v, or a gate without its value half, is a WeightsError naming the key.
+    """
+    out: dict[str, torch.Tensor] = {}
+    blocks = sorted({m.group(1) for k in sd if (m := re.match(r"(blocks\.\d+\.)", k))})
+    for key, value in sd.items():
+        if not _EVA_MOVED.fullmatch(key):
+            out[re.sub(r"\.gamma_([12])$", r".ls\1.gamma", key)] = value
+    for b in blocks:
+        a = b + "attn."
+        try:
+            if a + "q_proj.weight" in sd:
+                out[a + "qkv.weight"] = torch.cat([sd[a + f"{n}_proj.weight"] for n in "qkv"])
+            q_bias = sd.get(a + "q_bias", sd.get(a + "q_proj.bias"))
+            if q_bias is not None:
+                v_bias = sd[a + "v_bias"] if a + "q_bias" in sd else sd[a + "v_proj.bias"]
+                k_bias = sd.get(a + "k_proj.bias", torch.zeros_like(q_bias))
+                out[a + "qkv.bias"] = torch.cat([q_bias, k_bias, v_bias])
+            for p in ("weight", "bias"):
+                if f"{b}mlp.fc1_g.{p}" in sd:
+                    out[f"{b}mlp.fc1.{p}"] = torch.cat([sd[f"{b}mlp.fc1_g.{p}"], sd[f"{b}mlp.fc1_x.{p}"]])
+        except KeyError as e:
+            raise WeightsError(f"timm Eva weights: {e.args[0]} is missing beside the other parts of its "
+                               f"layer") from None
+    return out
+
+
+def vitkit_to_eva(sd: Mapping[str, torch.Tensor], like: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """The inverse of `eva_to_vitkit` into the layout of `like` (a timm Eva model's state dict or its keys): what
+    loads vitkit weights into timm's own model (the `vitkit benchmark --compare timm` twin). Eva has no k bias,
+    so qkv.bias's k third is dropped (it is zero for weights that came from Eva)."""
+    out: dict[str, torch.Tensor] = {}
+    for key in like:
+        m = re.fullmatch(r"(blocks\.\d+\.)(.*)", key)
+        b, rest = (m.group(1), m.group(2)) if m else ("", key)
+        if m and (g := re.fullmatch(r"gamma_([12])", rest)):
+            out[key] = sd[f"{b}ls{g.group(1)}.gamma"]
+        elif m and rest in ("attn.q_bias", "attn.v_bias"):
+            out[key] = sd[f"{b}attn.qkv.bias"].chunk(3)[0 if rest == "attn.q_bias" else 2]
+        elif m and (g := re.fullmatch(r"attn\.([qkv])_proj\.(weight|bias)", rest)):
+            out[key] = sd[f"{b}attn.qkv.{g.group(2)}"].chunk(3)["qkv".index(g.group(1))]
+        elif m and (g := re.fullmatch(r"mlp\.fc1_([gx])\.(weight|bias)", rest)):
+            out[key] = sd[f"{b}mlp.fc1.{g.group(2)}"].chunk(2)[0 if g.group(1) == "g" else 1]
+        else:
+            out[key] = sd[key]
+    return out
+
+
 # -- timm and vitkit ---------------------------------------------------------------------------------------------
 
 def from_timm(sd: Mapping[str, torch.Tensor], config: Mapping[str, Any] | None = None) -> Converted:
-    """timm's names are ours. A timm hub config.json adds pooling, model args and the eval preprocessing."""
+    """timm's names are ours (its `Eva` layout renamed by `eva_to_vitkit`). A timm hub config.json adds pooling,
+    model args and the eval preprocessing."""
     out = {k: v for k, v in sd.items()}
     notes = []
     if "pre_logits.fc.weight" in out:  # timm's own filter drops the old representation layer
         notes.append("pre_logits (representation layer) dropped, as timm does")
         out = {k: v for k, v in out.items() if not k.startswith("pre_logits.")}
+    if is_eva(out):
+        notes.append("timm Eva layout (EVA-02 / ROPE-ViT / DINOv3) renamed to vitkit's")
+        out = eva_to_vitkit(out)
     arch, data = infer_arch(out), {}
     if config:
         args = dict(config.get("model_args") or {})
-        if config.get("global_pool") in ("token", "avg"):
+        if config.get("global_pool") in _GLOBAL_POOLS:
             args.setdefault("global_pool", config["global_pool"])
         arch.update({k: v for k, v in args.items() if k in ARCH_FIELDS})
         pcfg = config.get("pretrained_cfg") or {}

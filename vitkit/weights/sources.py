@@ -10,6 +10,12 @@ Every fact here was read from the publisher's own code or documentation:
   - MindCV: mindspore-lab/mindcv configs/vit/README.md (URLs, top-1), mindcv/models/vit.py history (URLs of the
     earlier layouts), configs/vit/vit_b32_224_ascend.yaml (bicubic) and MindCV's defaults (crop_pct 0.875,
     ImageNet mean/std); the 910v2 file from its MindSpore Hub card (top-1 77.53, "asset-sha256: a2165e72").
+  - the backbone families (DINOv2, SigLIP, CLIP, EVA-02, ROPE-ViT, DINOv3, DeiT III): `default_cfgs` of timm
+    1.0.31 (vision_transformer.py, eva.py, deit.py): hub id (`hf_hub_id`, which for timm's quick_gelu CLIP names
+    is the repo of the GELU name: the same files), classes, input size, crop_pct, mean/std, license (in `note`).
+    tests/test_backbone_families.py checks every entry against `timm.models.get_pretrained_cfg` offline. None of
+    these files was downloaded here (no network): the layout of each is that of timm's own model of the same
+    name, which the same tests load through vitkit (random weights, saved as timm saves them).
 Entries with `verified=False` are published but their layout was mapped from source code only (no file of
 that layout was loaded); see `note`.
 
@@ -27,7 +33,7 @@ from pathlib import PurePosixPath
 from urllib.parse import unquote, urlparse
 
 from vitkit.constants import IMAGENET_MEAN, IMAGENET_STD
-from vitkit.models.registry import INCEPTION_MEAN, INCEPTION_STD
+from vitkit.models.registry import INCEPTION_MEAN, INCEPTION_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 
 @dataclass(frozen=True)
@@ -76,6 +82,21 @@ def _tv(tag: str, file: str, top1: float, *, img: int = 224, resize: int = 256, 
 def _mindcv(tag: str, url: str, top1: float | None, *, verified: bool = True, note: str = "") -> WeightSource:
     return WeightSource(tag, url, "mindcv", 1000, 224, IMAGENET_MEAN, IMAGENET_STD, crop_pct=0.875,
                         interpolation="bicubic", top1=top1, verified=verified, note=note)
+
+
+_NOT_HERE = "not downloaded here; layout checked against timm's own model of this name"
+_IMAGENET = (IMAGENET_MEAN, IMAGENET_STD)
+_CLIP = (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
+_HALF = (INCEPTION_MEAN, INCEPTION_STD)
+_SAT = ((0.430, 0.411, 0.296), (0.213, 0.156, 0.143))  # DINOv3's SAT-493M (satellite) weights
+
+
+def _hub(model: str, tag: str, stats: tuple[tuple[float, ...], tuple[float, ...]], *, img: int, crop: float,
+         num_classes: int = 0, repo: str | None = None, license: str = "") -> WeightSource:
+    """A timm hub source of a backbone family: `timm/<repo or model>.<tag>` with timm's cfg for that tag."""
+    note = f"{license} license; {_NOT_HERE}" if license else _NOT_HERE
+    return WeightSource(tag, f"timm/{repo or model}.{tag}", "timm", num_classes, img, stats[0], stats[1],
+                        crop_pct=crop, interpolation="bicubic", note=note)
 
 
 _I21K_FT = "-i21k-300ep-lr_0.001-aug_{aug}-wd_{wd}-do_{do}-sd_{do}--imagenet2012-steps_20k-lr_{lr}-res_{img}.npz"
@@ -188,6 +209,78 @@ SOURCES: dict[str, list[WeightSource]] = {
                npz="S_32" + _I21K_FT.format(aug="light1", wd="0.03", do="0.0", lr="0.03", img=384)),
     ],
 }
+
+# -- backbone families: timm's published tags, default (timm's own default tag) first, except CLIP: OpenAI's -----
+_APACHE, _MIT, _NC = "apache-2.0", "mit", "cc-by-nc-4.0"
+for _ours, _model, _img in [("deit3_s_16_224", "deit3_small_patch16_224", 224),
+                            ("deit3_s_16_384", "deit3_small_patch16_384", 384),
+                            ("deit3_m_16_224", "deit3_medium_patch16_224", 224),
+                            ("deit3_b_16_224", "deit3_base_patch16_224", 224),
+                            ("deit3_b_16_384", "deit3_base_patch16_384", 384),
+                            ("deit3_l_16_224", "deit3_large_patch16_224", 224),
+                            ("deit3_l_16_384", "deit3_large_patch16_384", 384),
+                            ("deit3_h_14_224", "deit3_huge_patch14_224", 224)]:
+    SOURCES[_ours] = [
+        _hub(_model, "fb_in1k", _IMAGENET, img=_img, crop=1.0 if _img >= 384 else 0.9, num_classes=1000,
+             license=_APACHE),
+        _hub(_model, "fb_in22k_ft_in1k", _IMAGENET, img=_img, crop=1.0, num_classes=1000, license=_APACHE),
+    ]
+for _size, _timm_size in [("s", "small"), ("b", "base"), ("l", "large"), ("g", "giant")]:
+    SOURCES[f"vit_{_size}_14_reg4_dinov2"] = [
+        _hub(f"vit_{_timm_size}_patch14_reg4_dinov2", "lvd142m", _IMAGENET, img=518, crop=1.0, license=_APACHE)]
+for _ours, _model, _img, _tags in [
+    ("vit_b_16_siglip_224", "vit_base_patch16_siglip_224", 224, ("v2_webli", "webli")),
+    ("vit_b_16_siglip_256", "vit_base_patch16_siglip_256", 256, ("v2_webli", "webli", "webli_i18n")),
+    ("vit_b_16_siglip_384", "vit_base_patch16_siglip_384", 384, ("v2_webli", "webli")),
+    ("vit_b_16_siglip_512", "vit_base_patch16_siglip_512", 512, ("v2_webli", "webli")),
+    ("vit_so400m_14_siglip_224", "vit_so400m_patch14_siglip_224", 224, ("v2_webli", "webli")),
+    ("vit_so400m_14_siglip_378", "vit_so400m_patch14_siglip_378", 378, ("v2_webli", "webli")),
+]:
+    SOURCES[_ours] = [_hub(_model, t, _HALF, img=_img, crop=0.9, license=_APACHE) for t in _tags]
+SOURCES["vit_so400m_14_siglip_378"].append(
+    _hub("vit_so400m_patch14_siglip_378", "webli_ft_in1k", _HALF, img=378, crop=1.0, num_classes=1000,
+         license=_APACHE))
+# CLIP: timm's quick_gelu names load the files of its GELU names' repos. OpenAI's weights first (timm's default
+# tag of these names is another: laion400m_e32 / metaclip_2pt5b / dfn2b, below).
+for _ours, _model, _repo, _proj, _tags in [
+    ("vit_b_32_clip_224", "vit_base_patch32_clip_quickgelu_224", "vit_base_patch32_clip_224", 512,
+     [("openai", 0.9, _APACHE), ("laion400m_e32", 0.9, _MIT), ("metaclip_2pt5b", 1.0, _NC),
+      ("metaclip_400m", 1.0, _NC)]),
+    ("vit_b_16_clip_224", "vit_base_patch16_clip_quickgelu_224", "vit_base_patch16_clip_224", 512,
+     [("openai", 0.9, _APACHE), ("metaclip_2pt5b", 1.0, _NC), ("metaclip_400m", 1.0, _NC)]),
+    ("vit_l_14_clip_224", "vit_large_patch14_clip_quickgelu_224", "vit_large_patch14_clip_224", 768,
+     [("openai", 1.0, _APACHE), ("dfn2b", 1.0, "apple-ascl"), ("metaclip_2pt5b", 1.0, _NC),
+      ("metaclip_400m", 1.0, _NC)]),
+    ("vit_l_14_clip_336", "vit_large_patch14_clip_quickgelu_336", "vit_large_patch14_clip_336", 768,
+     [("openai", 1.0, _APACHE)]),
+]:
+    _img = 336 if _ours.endswith("336") else 224
+    SOURCES[_ours] = [_hub(_model, t, _CLIP, img=_img, crop=c, num_classes=_proj, repo=_repo, license=lic)
+                      for t, c, lic in _tags]
+SOURCES.update({
+    "eva02_ti_14_224": [_hub("eva02_tiny_patch14_224", "mim_in22k", _CLIP, img=224, crop=0.9, license=_MIT)],
+    "eva02_s_14_224": [_hub("eva02_small_patch14_224", "mim_in22k", _CLIP, img=224, crop=0.9, license=_MIT)],
+    "eva02_b_14_224": [_hub("eva02_base_patch14_224", "mim_in22k", _CLIP, img=224, crop=0.9, license=_MIT)],
+    "eva02_ti_14_336": [_hub("eva02_tiny_patch14_336", "mim_in22k_ft_in1k", _CLIP, img=336, crop=1.0,
+                             num_classes=1000, license=_MIT)],
+    "eva02_s_14_336": [_hub("eva02_small_patch14_336", "mim_in22k_ft_in1k", _CLIP, img=336, crop=1.0,
+                            num_classes=1000, license=_MIT)],
+    "eva02_b_14_448": [_hub("eva02_base_patch14_448", t, _CLIP, img=448, crop=1.0, num_classes=n, license=_MIT)
+                       for t, n in (("mim_in22k_ft_in22k_in1k", 1000), ("mim_in22k_ft_in1k", 1000),
+                                    ("mim_in22k_ft_in22k", 21841))],
+})
+for _size, _timm_size in [("s", "small"), ("b", "base"), ("l", "large")]:
+    SOURCES[f"vit_{_size}_16_rope_224"] = [_hub(f"vit_{_timm_size}_patch16_rope_224", "naver_in1k", _IMAGENET,
+                                                img=224, crop=0.9, num_classes=1000, license=_APACHE)]
+for _size, _timm_size in [("s", "small"), ("sp", "small_plus"), ("b", "base"), ("l", "large"), ("hp", "huge_plus")]:
+    for _suffix in ("", "_qkvb"):
+        _model = f"vit_{_timm_size}_patch16_dinov3{_suffix}"
+        SOURCES[f"vit_{_size}_16_dinov3{_suffix}"] = [
+            _hub(_model, "lvd1689m", _IMAGENET, img=256, crop=1.0, license="dinov3"),
+            *([_hub(_model, "sat493m", _SAT, img=256, crop=1.0, license="dinov3")] if _size == "l" else []),
+            *([_hub(_model, "eupe_lvd1689m", _IMAGENET, img=256, crop=1.0, license="fair-noncommercial-research")]
+              if _suffix and _size in ("s", "b") else []),
+        ]
 
 
 def sources_for(name: str) -> list[WeightSource]:
