@@ -134,6 +134,16 @@ def test_predict_runs_the_int8_model(dynamic: Path) -> None:
         assert abs(g["predictions"][0]["probability"] - r["predictions"][0]["probability"]) < 0.05
 
 
+def test_vitkit_predict_takes_the_int8_file(dynamic: Path, capsys: pytest.CaptureFixture) -> None:
+    capsys.readouterr()
+    assert cli_main(["predict", str(dynamic), *map(str, IMAGES), "--topk", "2", "--format", "json"]) == 0
+    answers = json.loads(capsys.readouterr().out)
+    ref = predict_files(load_exported(dynamic), IMAGES, topk=2)
+    assert [a["predictions"] for a in answers] == [r["predictions"] for r in ref]
+    assert cli_main(["predict", str(dynamic), str(IMAGES[0]), "--model", "vit_n_4_32"]) == 2
+    assert "drop --model" in capsys.readouterr().err
+
+
 def test_validate_reports_top1_of_the_int8_model(dynamic: Path) -> None:
     data = ["--data_dir", str(SAMPLE), "--val_split", "test"]
     int8 = run_validate(["--onnx", str(dynamic), *data])

@@ -24,13 +24,15 @@ from vitkit.engine.monitor import Bar
 from vitkit.errors import VitkitError, WeightsError
 from vitkit.models.registry import get_spec, resolve_model_name
 from vitkit.tools import inference
+from vitkit.tools.export import load_exported
 from vitkit.tools.validate import finite_or_null, model_with_weights
 from vitkit.weights import load_weights
 
 
 def build_parser() -> VerbParser:
     p = VerbParser("predict", __doc__)
-    p.add_source("vitkit checkpoint, registered model name (its default weights), or a weights file with --model")
+    p.add_source("vitkit checkpoint, registered model name (its default weights), a weights file with --model, "
+                 "or an exported .onnx (fp32 or int8, with its .onnx.json beside it)")
     p.add_argument("inputs", nargs="*", help="image files and/or folders (searched recursively)")
     p.add_argument("--topk", type=int, default=5, help="classes per image (default 5)")
     p.add_argument("--format", choices=("table", "json", "csv"), default="table")
@@ -48,6 +50,11 @@ def load_model(args: argparse.Namespace) -> inference.InferenceModel:
     """`inference.load_inference_model`; with --allow_nonfinite, a checkpoint or weights file is loaded the
     same way but without refusing NaN or inf (published weights, by model name, are finite)."""
     source = args.source
+    if source.endswith(".onnx"):  # an export (fp32 or int8) in onnxruntime, with its .onnx.json beside it
+        if args.model or args.use_ema:
+            raise VitkitError(f"{source} is an exported model: its architecture and weights are fixed; drop "
+                              f"{'--model' if args.model else '--use_ema'}")
+        return load_exported(source)
     if not args.allow_nonfinite or not Path(source).is_file():
         return inference.load_inference_model(source, model_name=args.model, use_ema=args.use_ema,
                                               device=args.device)

@@ -66,7 +66,7 @@ from vitkit.data.preprocess import DataConfig
 from vitkit.data.transforms import build_transform
 from vitkit.errors import VitkitError
 from vitkit.tools import inference
-from vitkit.tools.export import metadata_path
+from vitkit.tools.export import metadata_path, onnx_session, run_sliced
 
 IMAGE_ERROR_STATUS = {"empty": 400, "corrupt": 400, "unsupported": 415, "too_large": 413}
 TOKEN_ENV = "VITKIT_SERVE_TOKEN"
@@ -129,10 +129,9 @@ class OnnxBackend:
         self._transform = build_transform(dc, train=False, normalize=not self.with_preprocess)
         self.input_shape = (size, size, 3) if self.with_preprocess else (3, size, size)
         self.input_dtype = np.dtype(np.uint8 if self.with_preprocess else np.float32)
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        self.input_name = self.session.get_inputs()[0].name
+        # the session and batch slicing `vitkit export` measured and recorded (export.onnx_session, run_sliced)
+        self.session = onnx_session(path, threads=threads)
+        self.slice_size: int | None = self.meta.get("runtime", {}).get("batch_slice")
         self._version = ort.__version__
 
     def decode(self, img: Image.Image) -> np.ndarray:
@@ -144,7 +143,7 @@ class OnnxBackend:
             return self.decode(img)
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
-        out = self.session.run(None, {self.input_name: batch})[0]
+        out = run_sliced(self.session, batch, self.slice_size)
         if self.with_preprocess:
             return out
         out = out - out.max(axis=-1, keepdims=True)  # softmax of the logits, stable
