@@ -29,6 +29,7 @@ from vitkit.cli import main as cli_main
 from vitkit.engine.checkpoint import load_checkpoint
 from vitkit.engine.config import from_dict, resolve, schedule_args
 from vitkit.engine.loop import Trainer
+from vitkit.errors import ConfigError
 from vitkit.engine.schedule import build_schedule
 from vitkit.models import create_model, get_spec
 
@@ -266,3 +267,31 @@ def test_vitkit_train_without_config_runs_the_demo_recipe(data, capsys) -> None:
     assert [r["epoch"] for r in recs] == [1, 2] and recs[-1]["val_images"] == 32
     ckpt = load_checkpoint(run_dir / "last.safetensors")
     assert ckpt.class_names == CLASSES and ckpt.arch.num_classes == 10
+
+
+def test_freeze_backbone_is_a_linear_probe(data, pretrained_file) -> None:
+    """--freeze_backbone: the optimizer holds the head alone, the body ends bit-equal to the loaded file, the
+    head moves, and the frozen body runs in eval mode (drop path off) while the trainer is in train mode."""
+    run_dir = data["root"] / "run_probe"
+    argv = finetune_args(data, pretrained_file, run_dir) + ["--freeze_backbone", "True", "--drop_path_rate", "0.5"]
+    trainer = Trainer(resolve(argv, notices=[]))
+    held = [p for g in trainer.optimizer.param_groups for p in g["params"]]
+    assert {id(p) for p in held} == {id(p) for p in trainer.model.head.parameters()}
+    trainer.model.train()
+    assert trainer.model.head.training and not any(b.training for b in trainer.model.blocks)
+    start_head = trainer.model.head.weight.detach().clone()
+    trainer.fit()
+    ckpt = load_checkpoint(run_dir / "last.safetensors")
+    source = torch.load(pretrained_file, weights_only=True)
+    assert ckpt.step == 2 and ckpt.config["freeze_backbone"] is True
+    for k, v in ckpt.state_dict.items():
+        if not k.startswith("head."):
+            assert torch.equal(v, source[k]), k
+    assert not torch.equal(ckpt.state_dict["head.weight"], start_head)
+
+
+def test_freeze_backbone_with_fsdp_is_a_one_line_error(data, pretrained_file) -> None:
+    argv = finetune_args(data, pretrained_file, data["root"] / "unused2") + ["--freeze_backbone", "True",
+                                                                            "--fsdp", "True"]
+    with pytest.raises(ConfigError, match="freeze_backbone.*without fsdp"):
+        resolve(argv, notices=[])

@@ -165,6 +165,8 @@ class Config:
                                   choices=("disable", "auto", "norm_and_bias"))
     use_nesterov: bool = _f(False, "nesterov momentum", OPT)
     layer_decay: float | None = _f(None, "layer-wise lr decay factor (e.g. 0.65 for finetuning)", OPT)
+    freeze_backbone: bool = _f(False, "linear probe: train only the classifier head; every other weight is "
+                                      "frozen and runs in eval mode (no dropout or drop path in it)", OPT)
     loss_scale_type: str = _f("dynamic", "fp16 loss scaling", OPT, choices=("fixed", "dynamic", "auto"))
     loss_scale: float = _f(1024.0, "initial (dynamic) or constant (fixed) fp16 loss scale", OPT)
     # -- scheduler --------------------------------------------------------------------------------
@@ -629,6 +631,8 @@ def validate(cfg: Config) -> Config:
     need(cfg.crop_pct is None or 0 < cfg.crop_pct <= 1, "crop_pct", "must be in (0, 1]")
     need(cfg.std is None or min(cfg.std) > 0, "std", "must be > 0 (images are divided by it)")
     need(cfg.layer_decay is None or 0 < cfg.layer_decay <= 1, "layer_decay", "must be in (0, 1]")
+    need(not (cfg.freeze_backbone and cfg.fsdp), "freeze_backbone",
+         "a linear probe trains the head alone: run it without fsdp (DDP keeps the frozen backbone unsharded)")
     need(cfg.scale[0] <= cfg.scale[1] and cfg.scale[0] > 0, "scale", "must be an increasing range above 0")
     need(cfg.ratio[0] <= cfg.ratio[1] and cfg.ratio[0] > 0, "ratio", "must be an increasing range above 0")
     if cfg.decay_epochs is not None:

@@ -293,6 +293,8 @@ class Trainer:
             raise ConfigError(f"model {cfg.model} with image_resize {cfg.image_resize}: {e}") from None
         if cfg.grad_checkpointing:
             self.model.set_grad_checkpointing(True)
+        if cfg.freeze_backbone:  # a linear probe: the optimizer gets the head's parameters only
+            self.model.freeze_backbone()
         self.precision = resolve_precision(**precision_args(cfg), device=self.device)  # its notice: _start
         self.model.to(self.device, dtype=self.precision.param_dtype)
         self.ema = ModelEMA(self.model, cfg.ema_decay) if cfg.ema else None

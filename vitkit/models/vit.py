@@ -428,6 +428,7 @@ class VisionTransformer(nn.Module):
         self.num_features = self.embed_dim = cfg.embed_dim
         self.num_prefix_tokens = cfg.num_prefix_tokens
         self.grad_checkpointing = False
+        self.backbone_frozen = False  # freeze_backbone(): a linear probe
         D, grid = cfg.embed_dim, (cfg.grid_size, cfg.grid_size)
 
         self.patch_embed = PatchEmbed(cfg.patch_size, cfg.in_chans, D, bias=not cfg.pre_norm)
@@ -475,6 +476,25 @@ class VisionTransformer(nn.Module):
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.grad_checkpointing = enable
+
+    def freeze_backbone(self) -> None:
+        """A linear probe (DINOv2's, CLIP's protocol): every parameter but the head's stops taking gradients,
+        and every module but the head stays in eval mode through `train()` (no dropout or drop path in the
+        frozen features). The head (and the dropout before it) trains as usual."""
+        if self.num_classes == 0:
+            raise ValueError("a model without a head (num_classes 0) has nothing to train in a linear probe")
+        for name, param in self.named_parameters():
+            param.requires_grad_(name.startswith("head."))
+        self.backbone_frozen = True
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> "VisionTransformer":
+        super().train(mode)
+        if self.backbone_frozen:
+            for module in self.children():
+                if module is not self.head and module is not self.head_drop:
+                    module.eval()
+        return self
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         """Replace the head (fresh init) for `num_classes` outputs; 0 removes it."""
