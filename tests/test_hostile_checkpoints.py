@@ -2,7 +2,10 @@
 error naming it, found from the header before anything is allocated; NaN weights do not load silently."""
 from __future__ import annotations
 
+import dataclasses
+import io
 import json
+import os
 import subprocess
 import sys
 import time
@@ -10,6 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -17,6 +22,7 @@ from vitkit.data.preprocess import DataConfig
 from vitkit.engine.checkpoint import TRAIN_STATE_FIELDS, load_checkpoint, load_train_state, save_checkpoint, state_path
 from vitkit.errors import VitkitError, WeightsError
 from vitkit.models import create_model
+from vitkit.models.vit import ViTConfig
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -62,7 +68,7 @@ def test_good_checkpoint_still_loads(good: Path) -> None:
     ("arch", json.dumps({"depth": 2, "no_such_field": 1}), "describes no valid model"),
     ("data_config", "nul", "metadata 'data_config' is not valid JSON"),
     ("class_names", "{}", "metadata 'class_names' is a dict"),
-    ("step", "three", "metadata 'step' is not valid an integer"),
+    ("step", "three", "metadata 'step' is not an integer"),
     ("model_name", None, "no 'model_name'"),
     ("arch", None, "no 'arch'"),
 ])
@@ -149,3 +155,84 @@ def test_mindspore_ckpt_dims_that_do_not_fit_are_refused(tmp_path: Path, dims: l
     path.write_bytes(b"\x0a" + bytes([len(raw)]) + raw)  # Checkpoint.value (field 1), one entry
     with pytest.raises(WeightsError, match="file corrupt|could not be read"):
         ms.read_mindspore_ckpt(path)
+
+
+# -- fuzz: any change to a good checkpoint or its training state loads, or fails in one line naming the file ------
+# VITKIT_FUZZ_EXAMPLES raises the budget (benchmarks/fuzz_boundaries.py records a long run).
+FUZZ_N = int(os.environ.get("VITKIT_FUZZ_EXAMPLES", "60"))
+FUZZ = settings(max_examples=FUZZ_N, deadline=None, database=None,
+                suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+JSONISH = st.recursive(
+    st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats() | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+    max_leaves=6)
+META_KEYS = ["arch", "data_config", "class_names", "config", "epoch", "step", "metrics", "model_name", "pair_id",
+             "format", "no_such_key"]
+ARCH_FIELDS = [f.name for f in dataclasses.fields(ViTConfig)]
+
+
+@pytest.fixture(scope="module")
+def good_files(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A good checkpoint (and its training state) to mutate."""
+    return good.__wrapped__(tmp_path_factory.mktemp("fuzz_good"))
+
+
+def _mutate_bytes(data: bytes, at: int, junk: bytes) -> bytes:
+    at %= len(data)
+    return data[:at] if not junk else data[:at] + junk + data[at + len(junk):]
+
+
+def _loads_or_one_line(call, path: Path) -> None:
+    """`call` returns, or raises a one-line VitkitError naming the checkpoint or its training state."""
+    try:
+        call()
+    except VitkitError as e:
+        assert "\n" not in str(e) and (path.name in str(e) or state_path(path).name in str(e)), str(e)
+
+
+@FUZZ
+@given(change=st.one_of(
+    st.tuples(st.just("meta"), st.sampled_from(META_KEYS), st.none() | st.text(max_size=40) | JSONISH.map(json.dumps)),
+    st.tuples(st.just("arch"), st.sampled_from(ARCH_FIELDS), JSONISH),
+    st.tuples(st.just("bytes"), st.integers(0, 10**7), st.binary(max_size=16))))
+def test_fuzzed_checkpoints_load_or_fail_in_one_line(good_files, tmp_path_factory, change) -> None:
+    data, state, meta = good_files.read_bytes(), state_path(good_files).read_bytes(), _parts(good_files)[1]
+    path = tmp_path_factory.mktemp("fuzz") / "fuzzed.safetensors"
+    kind, key, value = change
+    if kind == "bytes":
+        path.write_bytes(_mutate_bytes(data, key, value))
+    else:
+        src = path.with_name("src.safetensors")
+        src.write_bytes(data)
+        if kind == "arch":
+            arch = json.loads(meta["arch"])
+            arch[key] = value
+            value, key = json.dumps(arch), "arch"
+        _rewrite(src, path, **{key: value})
+    state_path(path).write_bytes(state)
+
+    def load_and_build() -> None:
+        load_checkpoint(path).build_model()
+
+    _loads_or_one_line(load_and_build, path)
+
+
+@FUZZ
+@given(change=st.one_of(
+    st.tuples(st.just("key"), st.sampled_from([*TRAIN_STATE_FIELDS, "pair_id"]), st.just(None) | JSONISH),
+    st.tuples(st.just("bytes"), st.integers(0, 10**7), st.binary(max_size=16))))
+def test_fuzzed_training_states_load_or_fail_in_one_line(good_files, tmp_path_factory, change) -> None:
+    data, state = good_files.read_bytes(), state_path(good_files).read_bytes()
+    path = tmp_path_factory.mktemp("fuzz") / "fuzzed.safetensors"
+    path.write_bytes(data)
+    kind, key, value = change
+    if kind == "bytes":
+        state_path(path).write_bytes(_mutate_bytes(state, key, value))
+    else:
+        loaded = torch.load(io.BytesIO(state), weights_only=True)
+        if value is None:
+            loaded.pop(key, None)
+        else:
+            loaded[key] = value
+        torch.save(loaded, state_path(path))
+    _loads_or_one_line(lambda: load_train_state(path, required=TRAIN_STATE_FIELDS), path)

@@ -29,8 +29,8 @@ from vitkit.cli import main as cli_main
 from vitkit.engine.checkpoint import load_checkpoint
 from vitkit.engine.config import from_dict, resolve, schedule_args
 from vitkit.engine.loop import Trainer
-from vitkit.errors import ConfigError
 from vitkit.engine.schedule import build_schedule
+from vitkit.errors import ConfigError
 from vitkit.models import create_model, get_spec
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -140,7 +140,7 @@ def _field(path: Path, meta: dict[str, str], key: str, kind: type, default: Any 
     try:
         value = int(meta[key]) if kind is int else json.loads(meta[key])
     except (ValueError, TypeError, RecursionError):
-        raise WeightsError(f"{path}: metadata '{key}' is not valid {'an integer' if kind is int else 'JSON'} "
+        raise WeightsError(f"{path}: metadata '{key}' is not {'an integer' if kind is int else 'valid JSON'} "
                            f"(a damaged or hand-edited file)") from None
     if not isinstance(value, kind) and not (value is None and default is None):
         raise WeightsError(f"{path}: metadata '{key}' is a {type(value).__name__}, expected {kind.__name__}")

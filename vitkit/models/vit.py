@@ -50,7 +50,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 import torch
@@ -97,6 +97,7 @@ class ViTConfig:
     rope_ref_grid: int | None = None  # "eva" only: positions scaled to this grid (EVA-02 ref_feat_shape 16)
 
     def __post_init__(self) -> None:
+        self._check_types_and_ranges()
         choices = {"global_pool": ("token", "avg", "map"), "act": ("gelu", "gelu_tanh", "quick_gelu"),
                    "mlp": ("mlp", "swiglu"), "pos_embed": ("learn", "sincos2d", "none"),
                    "rope": ("none", "eva", "dinov3"), "rope_grid_indexing": ("ij", "xy")}
@@ -121,6 +122,30 @@ class ViTConfig:
         if self.rope_ref_grid is not None and (self.rope != "eva" or self.rope_ref_grid <= 0):
             raise ValueError(f"rope_ref_grid must be a positive grid side for rope='eva', got {self.rope_ref_grid} "
                              f"with rope={self.rope!r}")
+
+    def _check_types_and_ranges(self) -> None:
+        """Each field's type (from its annotation; an int passes for a float), finite numbers, and the ranges
+        a model can be built with: a description read from a file is checked before any layer is made."""
+        kinds = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,), "None": (type(None),)}
+        for f in fields(self):
+            allowed = tuple(k for part in str(f.type).split("|") for k in kinds[part.strip()])
+            value = getattr(self, f.name)
+            if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed) \
+                    or (isinstance(value, float) and not math.isfinite(value)):
+                raise ValueError(f"{f.name} must be {'a finite ' if 'float' in str(f.type) else ''}{f.type}, "
+                                 f"got {value!r}")
+        for name in ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name, value in (("num_classes", self.num_classes), ("reg_tokens", self.reg_tokens)):
+            if value < 0:
+                raise ValueError(f"{name} must be >= 0, got {value}")
+        for name in ("mlp_ratio", "norm_eps", "rope_temperature"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        for name in ("drop_rate", "pos_drop_rate", "attn_drop_rate", "proj_drop_rate", "drop_path_rate"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
 
     @property
     def use_fc_norm(self) -> bool:
@@ -488,7 +513,7 @@ class VisionTransformer(nn.Module):
         self.backbone_frozen = True
         self.train(self.training)
 
-    def train(self, mode: bool = True) -> "VisionTransformer":
+    def train(self, mode: bool = True) -> VisionTransformer:
         super().train(mode)
         if self.backbone_frozen:
             for module in self.children():
