@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -138,7 +139,8 @@ def _png_bytes() -> bytes:
     return buf.getvalue()
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=int(os.environ.get("VITKIT_FUZZ_EXAMPLES", "150")), deadline=None,
+          suppress_health_check=[HealthCheck.too_slow])
 @given(base=st.sampled_from([JPEG, _png_bytes(), b""]), cuts=st.lists(st.integers(0, 4000), max_size=3),
        flips=st.lists(st.tuples(st.integers(0, 4000), st.integers(0, 255)), max_size=8), junk=st.binary(max_size=64))
 def test_fuzzed_image_bytes_give_a_tensor_or_a_clear_image_error(base: bytes, cuts: list[int],

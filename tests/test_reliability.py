@@ -465,7 +465,8 @@ def _field_values() -> st.SearchStrategy:
 
 
 TYPED = st.lists(_field_values(), max_size=4).map(dict)
-FUZZ = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+FUZZ = settings(max_examples=int(os.environ.get("VITKIT_FUZZ_EXAMPLES", "200")), deadline=None,
+                suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
 @FUZZ

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
+import os
 import random
 import select
 import socket
@@ -306,7 +307,7 @@ def bodies(draw: st.DrawFn) -> bytes:
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")  # PIL's "Corrupt EXIF data" and friends: expected here
-@settings(max_examples=200, deadline=None, database=None,
+@settings(max_examples=int(os.environ.get("VITKIT_FUZZ_EXAMPLES", "200")), deadline=None, database=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(body=bodies())
 def test_fuzzed_bodies_never_get_a_5xx(fuzz_client: TestClient, body: bytes) -> None:
