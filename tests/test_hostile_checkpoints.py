@@ -67,6 +67,11 @@ def test_good_checkpoint_still_loads(good: Path) -> None:
     ("arch", "[1, 2]", "metadata 'arch' is a list, expected dict"),
     ("arch", json.dumps({"depth": 2, "no_such_field": 1}), "describes no valid model"),
     ("data_config", "nul", "metadata 'data_config' is not valid JSON"),
+    ("data_config", "{}", "data_config lacks input_size, mean, std"),  # found by the fuzz (a KeyError before)
+    ("data_config", json.dumps({**DataConfig(32).to_dict(), "std": [0.5, 0, 0.5]}), "std .* has a value <= 0"),
+    ("data_config", json.dumps({**DataConfig(32).to_dict(), "mean": ["a", 1, 2]}), "mean .* not 3 finite"),
+    ("data_config", json.dumps({**DataConfig(32).to_dict(), "interpolation": "cubic"}), "interpolation"),
+    ("data_config", json.dumps({**DataConfig(32).to_dict(), "crop_pct": 0}), r"crop_pct .* \(0, 1\]"),
     ("class_names", "{}", "metadata 'class_names' is a dict"),
     ("step", "three", "metadata 'step' is not an integer"),
     ("model_name", None, "no 'model_name'"),

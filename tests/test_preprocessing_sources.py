@@ -296,3 +296,11 @@ def test_finetuning_from_timm_weights_trains_and_evaluates_with_timm_preprocessi
     assert (dc.mean, dc.std, dc.crop_pct, dc.interpolation) == (*HALF, 0.9, "bicubic")
     trainer = Trainer(resolve([*base, "--crop_pct", "0.95", "--ckpt_save_dir", str(tmp_path / "b")], notices=[]))
     assert trainer.data_config.crop_pct == 0.95 and trainer.data_config.mean == HALF[0]
+
+
+def test_a_source_stating_unusable_preprocessing_is_one_line():
+    weights = weights_pkg.PretrainedWeights(state_dict={}, format="timm", origin="odd/config.json",
+                                            data={"crop_pct": 5.0, "interpolation": "bicubic"})
+    with pytest.raises(vitkit.errors.WeightsError, match=r"odd/config.json: .*crop_pct = 5.0 .*--crop_pct") as e:
+        weights.data_config(get_spec("vit_n_4_32"))
+    assert "\n" not in str(e.value)

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from vitkit.constants import IMAGENET_MEAN, IMAGENET_STD
+from vitkit.constants import IMAGENET_MEAN, IMAGENET_STD, INTERPOLATIONS
 
 
 @dataclass(frozen=True)
@@ -23,6 +23,26 @@ class DataConfig:
     std: tuple[float, float, float] = IMAGENET_STD
     interpolation: str = "bicubic"
     crop_pct: float = 0.875
+
+    def __post_init__(self) -> None:
+        """Every value checked once, here: a DataConfig that exists preprocesses (ValueError names the field)."""
+        def bad(field: str, why: str) -> ValueError:
+            return ValueError(f"data_config {field} = {getattr(self, field)!r} {why}")
+        if isinstance(self.input_size, bool) or not isinstance(self.input_size, int) or self.input_size < 1:
+            raise bad("input_size", "is not a whole number >= 1")
+        for field in ("mean", "std"):
+            values = getattr(self, field)
+            if (not isinstance(values, tuple) or len(values) != 3
+                    or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                               for v in values)):
+                raise bad(field, "is not 3 finite numbers (one per RGB channel)")
+        if not all(v > 0 for v in self.std):
+            raise bad("std", "has a value <= 0")
+        if self.interpolation not in INTERPOLATIONS:
+            raise bad("interpolation", f"is not one of {', '.join(INTERPOLATIONS)}")
+        if (isinstance(self.crop_pct, bool) or not isinstance(self.crop_pct, (int, float))
+                or not 0 < self.crop_pct <= 1):
+            raise bad("crop_pct", "is not a number in (0, 1]")
 
     @property
     def resize_size(self) -> int:
@@ -45,10 +65,17 @@ class DataConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> DataConfig:
-        return cls(
-            input_size=int(d["input_size"]), mean=tuple(d["mean"]), std=tuple(d["std"]),  # type: ignore[arg-type]
-            interpolation=str(d["interpolation"]), crop_pct=float(d["crop_pct"]),
-        )
+        """The inverse of to_dict; a missing, extra or ill-typed field is a ValueError naming it."""
+        fields = ("input_size", "mean", "std", "interpolation", "crop_pct")
+        missing, extra = [f for f in fields if f not in d], sorted(set(d) - set(fields))
+        if missing or extra:
+            raise ValueError(f"data_config lacks {', '.join(missing) or 'nothing'} and has unknown keys "
+                             f"{', '.join(map(str, extra)) or 'none'}")
+        mean, std = (tuple(v) if isinstance(v, (list, tuple)) else v for v in (d["mean"], d["std"]))
+        crop_pct = float(d["crop_pct"]) if isinstance(d["crop_pct"], int) and not isinstance(d["crop_pct"], bool) \
+            else d["crop_pct"]
+        return cls(input_size=d["input_size"], mean=mean, std=std, interpolation=d["interpolation"],
+                   crop_pct=crop_pct)
 
 
 def to_unit_range(values: tuple[float, ...]) -> tuple[float, ...]:

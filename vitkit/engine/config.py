@@ -36,6 +36,7 @@ from typing import Any, Union
 import yaml
 
 from vitkit.args import VerbParser
+from vitkit.constants import INTERPOLATIONS
 from vitkit.engine.checkpoint import read_metadata
 from vitkit.engine.saver import LAST, PREV
 from vitkit.errors import ConfigError  # noqa: E402  (re-exported: callers import it from here too)
@@ -109,7 +110,7 @@ class Config:
     color_jitter: float | tuple[float, float, float] | tuple[float, float, float, float] | None = _f(
         None, "jitter strength: one number for brightness/contrast/saturation, or a list of 3 (or 4, with hue)", AUG)
     interpolation: str | None = _f(None, "resize interpolation (default: the model's)", AUG,
-                                      choices=(None, "bilinear", "bicubic", "nearest", "lanczos", "area"))
+                                      choices=(None, *INTERPOLATIONS))
     auto_augment: str | None = _f(None, "randaug-m9-mstd0.5, autoaug, autoaugr, trivialaugwide, augmix, 3a", AUG)
     re_prob: float = _f(0.0, "random erasing probability", AUG)
     re_scale: tuple[float, float] = _f((0.02, 0.33), "random erasing area range", AUG)

@@ -8,7 +8,7 @@ from vitkit.data.augment import Mixup, build_mixup
 from vitkit.data.datasets import ImageDataset, build_dataset
 from vitkit.data.loader import Loader, build_loader
 from vitkit.data.preprocess import DataConfig, resolve_data_config
-from vitkit.engine.config import Config
+from vitkit.engine.config import Config, ConfigError
 
 
 def dataset_from_config(cfg: Config, split: str, *, train: bool) -> ImageDataset:
@@ -26,8 +26,12 @@ def data_config_from_config(cfg: Config, spec: Any, weights_data: Mapping[str, A
     def pick(key: str) -> Any:
         value = getattr(cfg, key)
         return stated.get(key) if value is None else value
-    return resolve_data_config(spec, input_size=cfg.image_resize, mean=pick("mean"), std=pick("std"),
-                               interpolation=pick("interpolation"), crop_pct=pick("crop_pct"))
+    try:
+        return resolve_data_config(spec, input_size=cfg.image_resize, mean=pick("mean"), std=pick("std"),
+                                   interpolation=pick("interpolation"), crop_pct=pick("crop_pct"))
+    except (TypeError, ValueError) as e:  # the weights' statements: the config's own values were checked
+        raise ConfigError(f"the pretrained weights' preprocessing cannot be used ({e}); pass --mean, --std, "
+                          f"--interpolation or --crop_pct to set it") from None
 
 
 def augment_from_config(cfg: Config) -> dict[str, Any]:

@@ -76,8 +76,13 @@ class PretrainedWeights:
         module docstring) over the model's registered defaults (`ModelSpec`), at `img_size` (default: the
         model's)."""
         d = self.data
-        return resolve_data_config(spec, input_size=img_size or spec.arch.img_size, mean=d.get("mean"),
-                                   std=d.get("std"), interpolation=d.get("interpolation"), crop_pct=d.get("crop_pct"))
+        try:
+            return resolve_data_config(spec, input_size=img_size or spec.arch.img_size, mean=d.get("mean"),
+                                       std=d.get("std"), interpolation=d.get("interpolation"),
+                                       crop_pct=d.get("crop_pct"))
+        except (TypeError, ValueError) as e:
+            raise WeightsError(f"{self.origin}: its preprocessing cannot be used ({e}); pass --mean, --std, "
+                               f"--interpolation or --crop_pct to set it") from None
 
 
 @dataclass
