@@ -65,12 +65,11 @@ class DataConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> DataConfig:
-        """The inverse of to_dict; a missing, extra or ill-typed field is a ValueError naming it."""
-        fields = ("input_size", "mean", "std", "interpolation", "crop_pct")
-        missing, extra = [f for f in fields if f not in d], sorted(set(d) - set(fields))
-        if missing or extra:
-            raise ValueError(f"data_config lacks {', '.join(missing) or 'nothing'} and has unknown keys "
-                             f"{', '.join(map(str, extra)) or 'none'}")
+        """The inverse of to_dict (other keys are ignored: an export's metadata holds them beside these); a
+        missing or ill-typed field is a ValueError naming it."""
+        missing = [f for f in ("input_size", "mean", "std", "interpolation", "crop_pct") if f not in d]
+        if missing:
+            raise ValueError(f"data_config lacks {', '.join(missing)}")
         mean, std = (tuple(v) if isinstance(v, (list, tuple)) else v for v in (d["mean"], d["std"]))
         crop_pct = float(d["crop_pct"]) if isinstance(d["crop_pct"], int) and not isinstance(d["crop_pct"], bool) \
             else d["crop_pct"]
