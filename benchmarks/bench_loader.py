@@ -17,6 +17,7 @@ shard boundaries); "vs folder" compares each row with vitkit's loader on the fol
     .venv/bin/python benchmarks/bench_loader.py --num-images 512            # ~2-4 minutes on one core
     .venv/bin/python benchmarks/bench_loader.py --num-images 5000 --workers 2 --rounds 3
     .venv/bin/python benchmarks/bench_loader.py --loaders vitkit,"vitkit shards"   # some rows only
+    .venv/bin/python benchmarks/bench_loader.py --loaders vitkit --paired "vitkit shards:vitkit"  # drift-proof
 """
 from __future__ import annotations
 
@@ -175,6 +176,37 @@ def images_per_s(make, root: Path, batch: int, workers: int) -> float:
     return n / (time.perf_counter() - t0)
 
 
+def paired_rates(first, second, batch: int, rounds: int) -> tuple[float, float, float]:
+    """Two loaders (each a zero-argument maker) read batch by batch in turn, who goes first alternating, over
+    `rounds` epochs: a slow stretch of the machine hits both alike. Returns (images/s of each, from the summed
+    time; the median over batch pairs of first's rate / second's)."""
+    import statistics
+
+    times: list[list[float]] = [[], []]
+    counts = [0, 0]
+    ratios: list[float] = []
+    for _ in range(rounds):
+        its = [iter(first()), iter(second())]
+        for it in its:
+            next(it)  # warm-up: first decode
+        k = 0
+        while True:
+            pair: list[tuple[float, int]] = [(0.0, 0), (0.0, 0)]
+            try:
+                for i in ((0, 1) if k % 2 == 0 else (1, 0)):
+                    t0 = time.perf_counter()
+                    _, y = next(its[i])
+                    pair[i] = (time.perf_counter() - t0, len(y))
+            except StopIteration:
+                break
+            for i in (0, 1):
+                times[i].append(pair[i][0])
+                counts[i] += pair[i][1]
+            ratios.append((pair[0][1] / pair[0][0]) / (pair[1][1] / pair[1][0]))
+            k += 1
+    return counts[0] / sum(times[0]), counts[1] / sum(times[1]), statistics.median(ratios)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--src", default="/work/data/cifar10/train", help="CIFAR-10 JPEG folder <class>/*.jpg")
@@ -184,6 +216,8 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=2, help="interleaved rounds; the best of each is kept")
     p.add_argument("--shard-size", default="8MB", help="shard size of the packed copies (vitkit data pack)")
     p.add_argument("--loaders", default=None, help="comma-separated rows to run (default: all)")
+    p.add_argument("--paired", default=None, metavar="A:B",
+                   help="also read rows A and B batch by batch in turn (workers 0), e.g. 'vitkit shards:vitkit'")
     p.add_argument("--out", default=None, help="also write the report (with the command) to this markdown file")
     a = p.parse_args()
     lines: list[str] = []
@@ -232,6 +266,18 @@ def main() -> int:
                         skipped[m] = f"{type(e).__name__}: {e}"
                         continue
                     best[s, m] = max(best[s, m], rate)
+        paired: dict[str, tuple[float, float, float]] = {}
+        if a.paired:
+            names = [m.strip() for m in a.paired.split(":")]
+            every = {"vitkit": vitkit_loader, "timm create_loader": timm_loader,
+                     "torchvision ImageFolder": torchvision_loader, "vitkit shards": vitkit_shards_loader,
+                     "webdataset + vitkit transform": webdataset_loader, "timm wds/ reader": timm_wds_loader}
+            if len(names) != 2 or any(m not in every for m in names) or a.workers:
+                p.error(f"--paired takes two rows A:B of {list(every)}, with --workers 0")
+            for s, root in sets.items():
+                makers2 = [lambda m=m, s=s, root=root: every[m](packed[s] if m in on_shards else root,
+                                                                a.batch_size, 0) for m in names]
+                paired[s] = paired_rates(*makers2, a.batch_size, a.rounds)
     say()
     say("| images | loader | images/s per core | vs timm | vs vitkit folder |")
     say("|---|---|---|---|---|")
@@ -243,6 +289,16 @@ def main() -> int:
             vs_timm = f"{best[s, m] / ref:.2f}x" if ref else "-"
             vs_folder = f"{best[s, m] / folder:.2f}x" if folder else "-"
             say(f"| {s} | {m} | {best[s, m] / cores:.0f} | {vs_timm} | {vs_folder} |")
+    if paired:
+        A, B = (m.strip() for m in a.paired.split(":"))
+        say()
+        say(f"Paired: {A} and {B} read batch by batch in turn in this process ({a.rounds} epochs each, who goes "
+            "first alternating), so the machine's drift hits both alike:")
+        say()
+        say(f"| images | {A} images/s | {B} images/s | ratio of rates | median over batch pairs |")
+        say("|---|---:|---:|---:|---:|")
+        for s, (ra, rb, med) in paired.items():
+            say(f"| {s} | {ra:.0f} | {rb:.0f} | {ra / rb:.2f}x | {med:.2f}x |")
     for m, why in skipped.items():
         say(f"\n{m}: not run ({why})")
     if a.out:
