@@ -422,3 +422,16 @@ def test_pretrained_true_takes_the_family_source_and_its_preprocessing(tmp_path,
     assert model.model_name == "vit_l_16_dinov3" and model.pretrained_cfg["tag"] == "sat493m"
     assert model.pretrained_cfg["data"]["mean"] == (0.430, 0.411, 0.296)
     assert_same_model(model, ref, images(64))
+
+
+def test_benchmark_paired_ratio_cancels_drift(monkeypatch):
+    """vitkit's timings [1, 3, 3] s and timm's [1.1, 1.1, 3.3] s in the same three repeats: the medians say
+    vitkit is 0.37x timm, but in every repeat but one timm took 1.1x vitkit's time: the paired ratio is 1.1."""
+    from vitkit.tools import benchmark
+
+    calls = iter([1.0, 1.1, 1.1, 3.0, 3.0, 3.3])  # repeat 0: vitkit, timm; 1: timm, vitkit; 2: vitkit, timm
+    monkeypatch.setattr(benchmark, "time_steps", lambda fn, dev, steps: next(calls))
+    res = benchmark.run("vit_n_4_32", 1, mode="infer", compare="timm", steps=1, warmup=0, repeats=3, device="cpu")
+    ours, ref = (next(r for r in res if r.impl == impl) for impl in ("vitkit", "timm"))
+    assert ours.images_per_s / ref.images_per_s == pytest.approx(1.1 / 3.0)
+    assert ours.paired_ratio == pytest.approx(1.1) and ref.paired_ratio is None

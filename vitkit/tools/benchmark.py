@@ -52,6 +52,9 @@ class Result:
     peak_mem_mb: float | None
     mfu: float | None
     warmup_s: float = 0.0  # the untimed warm-up steps (compilation and autotuning with --compile)
+    # vitkit's row beside a reference: the median over repeats of ref's time / vitkit's in the same repeat (the
+    # two ran back to back), which cancels the machine's drift that a ratio of medians keeps
+    paired_ratio: float | None = None
 
 
 def timm_twin(cfg: ViTConfig, timm_model: str | None = None) -> torch.nn.Module:
@@ -198,30 +201,34 @@ def run(
                 mem[name] = (torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda"
                              else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
         flops_per_image = (6 if m == "train" else 2) * macs  # backward costs about twice the forward
+        others = [n for n in impls if n != "vitkit"]
+        paired = (statistics.median(o / v for o, v in zip(times[others[0]], times["vitkit"], strict=True))
+                  if others else None)
         for name in impls:
             t = statistics.median(times[name])
             ips = batch_size / t
             results.append(Result(name, m, ips, t * 1e3, mem[name], ips * flops_per_image / peak if peak else None,
-                                  warm[name]))
+                                  warm[name], paired if name == "vitkit" else None))
     return results
 
 
 def format_table(results: Sequence[Result], header: str = "") -> str:
     lines = [header] if header else []
-    lines.append("| impl | mode | images/s | step ms | peak mem MB | MFU | vitkit/ref |")
-    lines.append("|---|---|---:|---:|---:|---:|---:|")
+    lines.append("| impl | mode | images/s | step ms | peak mem MB | MFU | vitkit/ref | paired |")
+    lines.append("|---|---|---:|---:|---:|---:|---:|---:|")
     by_mode: dict[str, dict[str, Result]] = {}
     for r in results:
         by_mode.setdefault(r.mode, {})[r.impl] = r
     for mode, rs in by_mode.items():
         for impl, r in rs.items():
-            ratio = ""
+            ratio = paired = ""
             if impl == "vitkit" and len(rs) > 1:
                 other = next(v for k, v in rs.items() if k != "vitkit")
                 ratio = f"{r.images_per_s / other.images_per_s:.3f}"
+                paired = f"{r.paired_ratio:.3f}" if r.paired_ratio is not None else ""
             mfu = f"{r.mfu:.1%}" if r.mfu is not None else "-"
             mem = f"{r.peak_mem_mb:.0f}" if r.peak_mem_mb is not None else "-"
-            lines.append(f"| {impl} | {mode} | {r.images_per_s:.1f} | {r.step_ms:.1f} | {mem} | {mfu} | {ratio} |")
+            lines.append(f"| {impl} | {mode} | {r.images_per_s:.1f} | {r.step_ms:.1f} | {mem} | {mfu} | {ratio} | {paired} |")
     return "\n".join(lines)
 
 
