@@ -229,12 +229,14 @@ def main() -> int:
     import timm
     import torchvision
 
+    from vitkit.engine.monitor import cpu_model
+
     say(f"command: `python {' '.join(sys.argv)}`  ")
     say(time.strftime("date: %Y-%m-%d %H:%M UTC  ", time.gmtime()))
     say(f"bench_loader: {len(files)} images from {src}, batch {a.batch_size}, workers {a.workers}, "
           f"best of {a.rounds} interleaved rounds; torch {torch.__version__}, torchvision {torchvision.__version__}, "
           f"timm {timm.__version__}, Pillow {Image.__version__}, python {platform.python_version()}, "
-          f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs visible  ")
+          f"{cpu_model()}, {os.cpu_count()} CPUs visible  ")
     say("ImageNet-sized set: the same CIFAR images upscaled to 500x375 (bicubic), re-encoded at JPEG quality 90 "
           "into a temp dir")
     makers = {"vitkit": vitkit_loader, "timm create_loader": timm_loader, "torchvision ImageFolder": torchvision_loader,
