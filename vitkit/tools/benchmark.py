@@ -228,7 +228,8 @@ def format_table(results: Sequence[Result], header: str = "") -> str:
                 paired = f"{r.paired_ratio:.3f}" if r.paired_ratio is not None else ""
             mfu = f"{r.mfu:.1%}" if r.mfu is not None else "-"
             mem = f"{r.peak_mem_mb:.0f}" if r.peak_mem_mb is not None else "-"
-            lines.append(f"| {impl} | {mode} | {r.images_per_s:.1f} | {r.step_ms:.1f} | {mem} | {mfu} | {ratio} | {paired} |")
+            cells = [impl, mode, f"{r.images_per_s:.1f}", f"{r.step_ms:.1f}", mem, mfu, ratio, paired]
+            lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
