@@ -34,6 +34,8 @@ BOUNDARIES = [
      "metadata values, arch fields, byte cuts/overwrites of a good checkpoint: loads and builds, or one line"),
     ("training state", "tests/test_hostile_checkpoints.py::test_fuzzed_training_states_load_or_fail_in_one_line",
      "keys removed/replaced, byte cuts/overwrites of a good state: loads, or one line"),
+    ("resume (state applied)", "tests/test_hostile_resume.py::test_fuzzed_states_resume_and_step_or_fail_in_one_line",
+     "any nested value of the run's own state replaced, removed or its bytes cut: resumes and steps, or one line"),
     ("image decode", "tests/test_predict.py::test_fuzzed_image_bytes_give_a_tensor_or_a_clear_image_error",
      "cut, flipped and junk-extended JPEG/PNG bytes: a tensor or an ImageError"),
     ("HTTP /predict", "tests/test_serve_hostile.py::test_fuzzed_bodies_never_get_a_5xx",

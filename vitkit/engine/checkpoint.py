@@ -17,6 +17,7 @@ resumed as a mixed pair (`is_complete_pair`; the saver keeps the previous pair a
 from __future__ import annotations
 
 import json
+import math
 import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -242,6 +243,125 @@ def load_train_state(path: str | Path, required: dict[str, Any] | None = None) -
             raise VitkitError(f"{sp}: '{key}' is {'missing' if key not in state else type(state[key]).__name__}, "
                               f"expected {getattr(kind, '__name__', kind)} (a damaged or foreign training state)")
     return state
+
+
+def check_resume_values(path: str | Path, state: dict[str, Any], optimizer: torch.optim.Optimizer,
+                        step: int | None = None) -> None:
+    """The values of a training state that `load_train_state` typed, checked against this run before any is used,
+    so that a state which passes also trains: counters not negative, the lr factor in (0, 1], the epoch meter
+    finite, the loss scale finite and positive, the step the checkpoint's own (`step`: its metadata's; a wrong
+    one would drop metrics records on resume), and the optimizer state fitting this run's parameters (as many
+    as it holds, each saved tensor of its parameter's shape and finite, `step` counters not negative, group
+    hyperparameters of this run's types and finite). Raises a one-line VitkitError naming the file."""
+    sp = state_path(path)
+
+    def refuse(what: str) -> None:
+        raise VitkitError(f"{sp}: {what} (a damaged or foreign training state); resume from the run's "
+                          f"prev.safetensors or an epoch checkpoint instead")
+
+    def number(v: Any) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+    for key in ("step", "rollbacks"):
+        if state[key] < 0:
+            refuse(f"'{key}' is {state[key]}, expected >= 0")
+    if step is not None and state["step"] != step:
+        refuse(f"'step' is {state['step']}, the checkpoint's metadata says {step}")
+    factor = state["schedule"].get("lr_factor")
+    if not number(factor) or not 0 < factor <= 1:
+        refuse(f"schedule 'lr_factor' is {_short(factor)}, expected a number in (0, 1]")
+    meter = state["epoch_meter"]
+    if not number(meter.get("loss_sum")) or not isinstance(meter.get("steps"), int) or meter["steps"] < 0:
+        refuse(f"'epoch_meter' is {_short(meter, 60)}, expected a finite loss_sum and steps >= 0")
+    if state["scaler"] and not (number(state["scaler"].get("scale")) and state["scaler"]["scale"] > 0):
+        refuse(f"the loss scaler's 'scale' is {_short(state['scaler'].get('scale'))}, expected a positive number")
+    saved = state["optimizer"]
+    groups, per_param = saved.get("param_groups"), saved.get("state")
+    if not isinstance(groups, list) or not isinstance(per_param, dict) or len(groups) != len(
+            optimizer.param_groups) or not all(isinstance(g, dict) for g in groups):
+        refuse(f"the optimizer state does not have this run's {len(optimizer.param_groups)} parameter group(s)")
+    index: dict[Any, torch.Tensor] = {}
+    for mine, theirs in zip(optimizer.param_groups, groups):
+        ids = theirs.get("params")
+        if not isinstance(ids, list) or len(ids) != len(mine["params"]) or not all(
+                isinstance(i, int) and not isinstance(i, bool) for i in ids):
+            refuse(f"an optimizer parameter group holds {_short(ids, 40)} as parameters, this run's "
+                   f"{len(mine['params'])} parameter indices")
+        index.update(zip(ids, mine["params"]))
+        for key, value in mine.items():
+            if key in ("params", "fused", "foreach", "capturable") or key not in theirs or value is None:
+                continue  # the kernel choice stays this run's (`parallel.load_optimizer_state_dict`)
+            other = theirs[key]
+            if number(value):
+                same = number(other)
+            elif isinstance(value, tuple):
+                same = isinstance(other, (tuple, list)) and len(other) == len(value) and all(map(number, other))
+            else:
+                same = type(other) is type(value)
+            if not same:
+                refuse(f"the optimizer's '{key}' is {_short(other, 40)}, expected a value like {_short(value)}")
+    layouts = []
+    for n, (mine, theirs) in enumerate(zip(optimizer.param_groups, groups)):
+        try:
+            layouts.append(_state_layout(optimizer, mine, theirs))
+        except ValueError as e:
+            refuse(f"optimizer parameter group {n}'s saved settings do not work ({e})")
+    group_of = {i: n for n, g in enumerate(groups) for i in g["params"]}
+    for i, entry in per_param.items():
+        param = index.get(i)
+        if param is None or not isinstance(entry, dict):
+            refuse(f"the optimizer state names parameter {_short(i)}, which this run's optimizer does not hold")
+        layout = layouts[group_of[i]]
+        if entry and layout is not None and not layout.keys() <= entry.keys():
+            refuse(f"the optimizer state of parameter {i} lacks {sorted(layout.keys() - entry.keys())}")
+        for key, value in entry.items():
+            kind = (layout or {}).get(key)
+            if not torch.is_tensor(value):
+                if kind in ("param", "scalar") or not (number(value) or value is None and kind in (None, "none")):
+                    refuse(f"the optimizer's {_short(key)} for parameter {i} is {_short(value, 40)}, expected "
+                           f"{'a tensor' if kind in ('param', 'scalar') else 'a tensor or a number'}")
+                continue
+            if (value.dim() > 0 and (kind == "scalar" or tuple(value.shape) != tuple(param.shape))
+                    or value.dim() == 0 and kind == "param"):
+                refuse(f"the optimizer's {_short(key)} for parameter {i} has shape {tuple(value.shape)}, the parameter "
+                       f"{tuple(param.shape)}")
+            if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                refuse(f"the optimizer's {_short(key)} for parameter {i} holds NaN or infinite values")
+            if key == "step" and value.numel() == 1 and float(value) < 0:
+                refuse(f"the optimizer's step counter for parameter {i} is {float(value):g}, expected >= 0")
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    """A value's repr on one line, cut to `limit` characters (for error messages)."""
+    text = " ".join(repr(value).split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _state_layout(optimizer: torch.optim.Optimizer, mine: dict[str, Any],
+                  theirs: dict[str, Any]) -> dict[str, str] | None:
+    """What one step of this optimizer keeps per parameter with a saved group's settings, found as torch would
+    resume it: a copy of the optimizer on a 2-element parameter loads the saved group (this run's kernel choice
+    kept) and steps once. Returns key -> "param" (a tensor of the parameter's shape), "scalar" (a 0-d tensor),
+    "number" or "none"; None when the optimizer cannot be copied that way (then nothing is checked). Raises
+    ValueError when the saved settings do not load or do not step (a key missing, a value of no use)."""
+    probe = torch.zeros(2, requires_grad=True)
+    try:
+        copy = type(optimizer)([{**{k: v for k, v in mine.items() if k != "params"}, "params": [probe]}])
+    except Exception:  # noqa: BLE001 - a custom optimizer with another constructor: not checked this way
+        return None
+    kernels = {k: mine[k] for k in ("fused", "foreach", "capturable") if k in mine}
+    saved = {k: v for k, v in theirs.items() if k not in ("params", "param_names")}
+    try:
+        copy.load_state_dict({"state": {}, "param_groups": [{**saved, **kernels, "params": [0]}]})
+        missing = sorted(mine.keys() - copy.param_groups[0].keys())
+        if missing:
+            raise KeyError(f"no {missing}")
+        probe.grad = torch.ones(2)
+        copy.step()
+    except Exception as e:  # noqa: BLE001 - whatever torch raises on these settings, said in one line
+        raise ValueError(f"{type(e).__name__}: {_short(str(e), 80)}") from None
+    return {k: "param" if torch.is_tensor(v) and v.dim() > 0 else "scalar" if torch.is_tensor(v)
+            else "none" if v is None else "number" for k, v in copy.state[probe].items()}
 
 
 def _same_pair(path: Path, state: Any) -> bool:

@@ -45,11 +45,13 @@ from vitkit.engine import launch, parallel, runtime
 from vitkit.engine.card import write_card
 from vitkit.engine.checkpoint import (
     TRAIN_STATE_FIELDS,
+    check_resume_values,
     is_complete_pair,
     load_checkpoint,
     load_train_state,
     read_metadata,
     save_checkpoint,
+    state_path,
 )
 from vitkit.engine.config import Config, optimizer_args, precision_args, schedule_args
 from vitkit.engine.data_args import data_config_from_config, dataset_from_config, loader_from_config, mixup_from_config
@@ -388,24 +390,33 @@ class Trainer:
             raise VitkitError(f"{path} was written with {state['steps_per_epoch']} steps per epoch, this run has "
                               f"{self.steps_per_epoch}: resuming exactly needs the same data, batch_size, "
                               f"gradient_accumulation_steps and number of processes")
-        parallel.load_model_state_dict(self.train_model, {k: v.to(self.precision.param_dtype) if v.is_floating_point()
-                                                   else v for k, v in ckpt.state_dict.items()})
-        if self.ema is not None:
-            if ckpt.ema_state_dict is None:
-                raise VitkitError(f"{path} has no EMA weights but this run has ema: true")
-            self.ema.load_state_dict(ckpt.ema_state_dict)
-        parallel.load_optimizer_state_dict(self.train_model, self.optimizer, state["optimizer"])
-        if state["scaler"]:
-            self.precision.scaler.load_state_dict(state["scaler"])
-        self.step = int(state["step"])
-        self.lr_factor = float(state["schedule"]["lr_factor"])
-        self.rollbacks = int(state["rollbacks"])
-        self.epoch_meter = dict(state["epoch_meter"])
-        self.last_metrics = dict(ckpt.metrics)
-        if self.world_size > 1:  # each rank its own stream; any number of processes can resume
-            runtime.restore_rank_rng(state.get("rng_ranks") or [state["rng"]], self.rank, self.cfg.seed)
-        else:
-            runtime.set_rng_state(state["rng"])
+        check_resume_values(path, state, self.optimizer, step=ckpt.step)
+        try:
+            dtype = self.precision.param_dtype
+            parallel.load_model_state_dict(self.train_model, {k: v.to(dtype) if v.is_floating_point() else v
+                                                              for k, v in ckpt.state_dict.items()})
+            if self.ema is not None:
+                if ckpt.ema_state_dict is None:
+                    raise VitkitError(f"{path} has no EMA weights but this run has ema: true")
+                self.ema.load_state_dict(ckpt.ema_state_dict)
+            parallel.load_optimizer_state_dict(self.train_model, self.optimizer, state["optimizer"])
+            if state["scaler"]:
+                self.precision.scaler.load_state_dict(state["scaler"])
+            self.step = int(state["step"])
+            self.lr_factor = float(state["schedule"]["lr_factor"])
+            self.rollbacks = int(state["rollbacks"])
+            self.epoch_meter = dict(state["epoch_meter"])
+            self.last_metrics = dict(ckpt.metrics)
+            if self.world_size > 1:  # each rank its own stream; any number of processes can resume
+                runtime.restore_rank_rng(state.get("rng_ranks") or [state["rng"]], self.rank, self.cfg.seed)
+            else:
+                runtime.set_rng_state(state["rng"])
+        except VitkitError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a value the checks above let through: still one line
+            raise VitkitError(f"{state_path(path)} could not be resumed ({type(e).__name__}: {str(e)[:80]!r}); "
+                              f"a damaged or foreign training state: resume from the run's prev.safetensors or "
+                              f"an epoch checkpoint instead") from None
         self.saver.forget_after(self.step)
         self.monitor.truncate_metrics(self.epoch, step=self.step)
 
