@@ -119,8 +119,36 @@ def test_columns_labels_parquet_and_errors(folder: Path, tmp_path: Path) -> None
     with pytest.raises(DataError, match="no split 'holdout' \\(found: train, validation\\)"):
         build_dataset(str(tmp_path / "pq"), name="hf", split="holdout", train=False, image_column="img",
                       label_column="fine")
-    with pytest.raises(DataError, match="could not load 'nobody/no-such-dataset'"):  # offline: a one-line error
+    with pytest.raises(DataError, match="could not load 'nobody/no-such-dataset'") as e:  # offline: one line
         build_dataset("nobody/no-such-dataset", name="hf", split="train", train=False)
+    assert "\n" not in str(e.value)
+
+
+def test_an_unreachable_hub_is_said_at_once_and_offline_mode_is_not_probed(monkeypatch) -> None:
+    import socket
+
+    from vitkit.data import hf
+
+    calls = []
+
+    def no_network(address, timeout):
+        calls.append((address, timeout))
+        raise socket.gaierror(-2, "Name or service not known")
+
+    for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)  # what datasets read from the environment
+    monkeypatch.setenv("HF_ENDPOINT", "https://hub.example:8443")
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    with pytest.raises(DataError, match="'user/name': it is no local folder and hub.example cannot be reached "
+                                        "\\(Name or service not known\\).*HF_DATASETS_OFFLINE=1"):
+        build_dataset("user/name", name="hf", split="train", train=False)
+    assert calls == [(("hub.example", 8443), 5)]  # one probe, seconds at most, before any of datasets' retries
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)  # the cache only: datasets' own answer, no probe
+    assert hf._hub_unreachable() is None and len(calls) == 1
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(socket, "create_connection", lambda address, timeout: type("C", (), {"close": lambda s: 0})())
+    assert hf._hub_unreachable() is None
 
 
 def test_pack_a_hf_dataset_into_shards(saved: Path, tmp_path: Path) -> None:

@@ -5,7 +5,8 @@
 - a folder of data files (parquet, arrow, or an image folder) that `load_dataset(folder)` understands, or
   one `.parquet` file;
 - a hub id (`uoft-cs/cifar10`), loaded with `load_dataset(id, split=...)`: that one needs the network or the
-  local cache (HF_DATASETS_OFFLINE=1 reads the cache only).
+  local cache (HF_DATASETS_OFFLINE=1 reads the cache only); when the Hub cannot be reached (checked first, within
+  seconds), that is one line at once, not after huggingface_hub's retries.
 
 `--image_column` (default `image`) holds the images: an `Image` feature (read undecoded: its stored bytes,
 or the file it names), raw bytes, or a file path. `--label_column` (default `label`) holds the classes: a
@@ -22,8 +23,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 from PIL import Image
 from torch.utils.data import Dataset
@@ -102,6 +105,29 @@ def _pick_split(obj: Any, split: str, where: str) -> Any:
                     "val_split to one of them")
 
 
+def _hub_unreachable() -> str | None:
+    """Why the Hugging Face Hub cannot be reached, found within seconds (a name lookup and a TCP connect), so that an
+    offline machine is told at once instead of after huggingface_hub's ~25 s of retries. None when it can be
+    reached, and when nothing is to be probed: datasets is in offline mode (HF_DATASETS_OFFLINE / HF_HUB_OFFLINE
+    as datasets read them on import: then it reads its cache) or a proxy is set."""
+    if getattr(_datasets().config, "HF_HUB_OFFLINE", False) or any(
+            os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return None
+    url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    host, port = url.hostname or "huggingface.co", url.port or (80 if url.scheme == "http" else 443)
+    try:
+        socket.create_connection((host, port), timeout=5).close()
+    except OSError as e:
+        return f"{host} cannot be reached ({e.strerror or type(e).__name__})"
+    return None
+
+
+def _offline_error(data_dir: str, why: str) -> DataError:
+    return DataError(f"--dataset hf could not load {data_dir!r}: it is no local folder and {why}; offline, give a "
+                     "folder written by save_to_disk or of parquet files, or set HF_DATASETS_OFFLINE=1 to read "
+                     "the Hugging Face cache")
+
+
 def _load(data_dir: str, split: str) -> tuple[Any, Path | None]:
     """(the split's datasets.Dataset, the local folder it came from or None)."""
     datasets = _datasets()
@@ -116,6 +142,8 @@ def _load(data_dir: str, split: str) -> tuple[Any, Path | None]:
         if local.exists() or data_dir.startswith((".", "/", "~")) or data_dir.count("/") > 1:
             raise DataError(f"data_dir {data_dir!r} is not a Hugging Face dataset folder, a .parquet file or a hub "
                             "id (user/name)")
+        if why := _hub_unreachable():
+            raise _offline_error(data_dir, why)
         return datasets.load_dataset(data_dir, split=split), None
     except DataError:
         raise
@@ -170,6 +198,8 @@ def hf_splits(data_dir: str) -> list[str]:
         return list(json.loads((local / "dataset_dict.json").read_text())["splits"])
     if (local / "state.json").is_file():
         return ["train"]
+    if not local.exists() and (why := _hub_unreachable()):
+        raise _offline_error(data_dir, why)
     try:
         obj = _datasets().load_dataset(str(local) if local.is_dir() else data_dir)
     except Exception as e:  # noqa: BLE001
