@@ -42,6 +42,7 @@ BOUNDARIES = [
      "crafted bodies (truncated, bombs, headers, junk) to the running app: 200/400/413/415, never 5xx"),
 ]
 STATS = re.compile(r"(\d+) passing, (\d+) failing, and (\d+) invalid")  # hypothesis' statistics line
+EVENTS = re.compile(r"\* ([\d.]+)%, (.+)")  # a test's own hypothesis.event() outcomes, with their share
 
 
 def run_one(node: str, examples: int, seed: int) -> dict:
@@ -53,8 +54,11 @@ def run_one(node: str, examples: int, seed: int) -> dict:
     wall = time.perf_counter() - start
     found = [tuple(map(int, m)) for m in STATS.findall(proc.stdout)]
     passing, failing, invalid = (sum(x[i] for x in found) for i in range(3))
+    generate = proc.stdout.split("during generate phase")[1:2]  # the outcomes of the fresh draws, not the shrinks
+    events = [f"{name.strip()} {float(share):.0f}%" for share, name in EVENTS.findall(generate[0] if generate else "")
+              if not name.startswith("Retried draw")]
     return {"rc": proc.returncode, "wall": wall, "passing": passing, "failing": failing, "invalid": invalid,
-            "tail": proc.stdout[-4000:] + proc.stderr[-2000:]}
+            "events": events, "tail": proc.stdout[-4000:] + proc.stderr[-2000:]}
 
 
 def main() -> int:
@@ -78,7 +82,7 @@ def main() -> int:
         if not ok:
             print(r["tail"], file=sys.stderr)
         rows.append(f"| {name} | {what} | {r['passing']} | {r['failing']} | {r['invalid']} | {r['wall']:.0f} s | "
-                    f"{'pass' if ok else 'FAIL (pytest rc ' + str(r['rc']) + ')'} |")
+                    f"{'pass' if ok else 'FAIL (pytest rc ' + str(r['rc']) + ')'} | {'; '.join(r['events'])} |")
     if args.out:
         args.out.write_text("\n".join([
             "# Fuzz run of every input boundary (issue 17)", "",
@@ -89,8 +93,8 @@ def main() -> int:
             "Each row is one hypothesis test of the default suite run with this budget (fresh random draws, no "
             "example database); `passing` counts inputs the boundary handled as specified, `failing` any that "
             "raised something else (a traceback) or got a 5xx.", "",
-            "| boundary | inputs | passing | failing | invalid | wall | result |",
-            "|---|---|---:|---:|---:|---:|---|", *rows, ""]))
+            "| boundary | inputs | passing | failing | invalid | wall | result | outcomes (recorded by the test) |",
+            "|---|---|---:|---:|---:|---:|---|---|", *rows, ""]))
     return 1 if bad else 0
 
 
