@@ -56,7 +56,7 @@ def run_one(node: str, examples: int, seed: int) -> dict:
     passing, failing, invalid = (sum(x[i] for x in found) for i in range(3))
     generate = proc.stdout.split("during generate phase")[1:2]  # the outcomes of the fresh draws, not the shrinks
     events = [f"{name.strip()} {float(share):.0f}%" for share, name in EVENTS.findall(generate[0] if generate else "")
-              if not name.startswith("Retried draw")]
+              if not name.startswith(("Retried draw", "Draw for"))]  # hypothesis' own bookkeeping
     return {"rc": proc.returncode, "wall": wall, "passing": passing, "failing": failing, "invalid": invalid,
             "events": events, "tail": proc.stdout[-4000:] + proc.stderr[-2000:]}
 

@@ -97,6 +97,19 @@ def test_a_header_claiming_a_huge_model_fails_before_allocating(good: Path, tmp_
     assert time.perf_counter() - t0 < 5
 
 
+@pytest.mark.parametrize("change, match", [
+    ({"mlp_ratio": 140737488355328.0}, "MLP width int\\(embed_dim \\* mlp_ratio\\) 18014398509481984 is beyond"),
+    ({"mlp_ratio": 1e-9}, "MLP width int\\(embed_dim \\* mlp_ratio\\) must be >= 1, got 0"),
+    ({"num_classes": 2**40}, "num_classes 1099511627776 is beyond any model"),
+    ({"depth": 10**6}, "depth 1000000 is beyond any model"),
+])
+def test_arch_sizes_beyond_any_model_are_one_line(good: Path, tmp_path: Path, change: dict, match: str) -> None:
+    """Found by the 2000-example fuzz run: an mlp_ratio of 2**47 overflowed torch's size arithmetic (a
+    RuntimeError traceback from the shapes-only build) instead of a one-line error."""
+    arch = {**json.loads(_parts(good)[1]["arch"]), **change}
+    _one_line_error(_rewrite(good, tmp_path / "big.safetensors", arch=json.dumps(arch)), match)
+
+
 def test_integer_weights_are_refused(good: Path, tmp_path: Path) -> None:
     tensors = _parts(good)[0]
     tensors["norm.weight"] = tensors["norm.weight"].to(torch.int32)

@@ -143,6 +143,16 @@ class ViTConfig:
         for name in ("mlp_ratio", "norm_eps", "rope_temperature"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        # Sizes no model reaches (ViT-22B: width 6144, MLP 24576, depth 48): a header claiming more is damaged, and
+        # is refused here before even a shapes-only (meta) build overflows torch's size arithmetic.
+        for name, value, limit in (("embed_dim", self.embed_dim, 2**16), ("depth", self.depth, 2**12),
+                                   ("MLP width int(embed_dim * mlp_ratio)", self.mlp_hidden, 2**20),
+                                   ("img_size", self.img_size, 2**16), ("in_chans", self.in_chans, 2**12),
+                                   ("num_classes", self.num_classes, 2**24), ("reg_tokens", self.reg_tokens, 2**12)):
+            if value > limit:
+                raise ValueError(f"{name} {value} is beyond any model (at most {limit})")
+        if self.mlp_hidden < 1:
+            raise ValueError(f"MLP width int(embed_dim * mlp_ratio) must be >= 1, got {self.mlp_hidden}")
         for name in ("drop_rate", "pos_drop_rate", "attn_drop_rate", "proj_drop_rate", "drop_path_rate"):
             if not 0 <= getattr(self, name) < 1:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
