@@ -57,3 +57,26 @@ def test_image_resize_that_is_no_patch_multiple_is_one_line(tmp_path: Path) -> N
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error")]
     assert errors == ["error: model vit_n_4_32 with image_resize 30: img_size 30 is not a multiple of patch_size 4"]
     assert not (tmp_path / "run").exists()  # a failed start leaves nothing behind
+
+
+LONG = "a" * 5000  # no file system has such a name: pathlib raises ENAMETOOLONG from its first stat
+
+
+@pytest.mark.parametrize("argv", [
+    ["train", "-c", LONG], ["train", "--smoke", "--data_dir", LONG], ["train", "--smoke", "--resume", LONG],
+    ["train", "--smoke", "--ckpt_save_dir", "x/" + "b" * 300], ["validate", "--ckpt_path", LONG],
+    ["export", LONG], ["convert", LONG, "out.safetensors"], ["data", "check", LONG], ["predict", LONG, "x.jpg"],
+])
+def test_a_path_no_file_can_have_is_one_line_in_every_verb(argv: list[str], tmp_path: Path, capsys, monkeypatch):
+    """Found by the 2000-example fuzz run (`-c` with a 400-character name: an OSError traceback); the class is
+    every path a verb takes, so each verb is tried."""
+    from vitkit.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    rc = main(argv)
+    err = capsys.readouterr().err
+    lines = [x for x in err.splitlines() if x.startswith("error:")]
+    assert rc == 2 and "Traceback" not in err and len(lines) == 1, err[-2000:]
+    said = "x.jpg does not exist" if argv[0] == "predict" else ("too long", "longer than any")  # images first
+    assert (said in lines[0]) if isinstance(said, str) else any(s in lines[0] for s in said), lines[0]
+    assert not any(tmp_path.iterdir())  # nothing was written

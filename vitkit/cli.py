@@ -5,7 +5,7 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-from vitkit.errors import VitkitError, disk_full_message
+from vitkit.errors import VitkitError, disk_full_message, input_path_message
 
 # verb -> (module with main(argv), one-line description)
 VERBS: dict[str, tuple[str, str]] = {
@@ -51,9 +51,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:
-        if disk_full_message(e) is None:
+        message = disk_full_message(e) or input_path_message(e)
+        if message is None:
             raise
-        print(f"error: {disk_full_message(e)}", file=sys.stderr)
+        print(f"error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:
         # Ctrl+C; or a stop signal the trainer handled (vitkit.engine.loop.Stopped: its line, 128 + the signal)

@@ -48,3 +48,16 @@ def disk_full_message(e: OSError) -> str | None:
         return None
     where = f": could not write {e.filename}" if e.filename else " (a write failed)"
     return f"the disk is full{where}; free space, then resume (--resume)"
+
+
+def input_path_message(e: OSError) -> str | None:
+    """The one-line error for a path the user gave that the file system refuses as such (a name too long, a
+    component that is a file, a symlink loop, no permission), naming it; else None (a bug: its traceback)."""
+    import errno
+
+    if e.filename is None or e.errno not in (errno.ENAMETOOLONG, errno.ENOTDIR, errno.ELOOP, errno.EACCES,
+                                             errno.EPERM, errno.EISDIR, errno.ENOENT, errno.EROFS):
+        return None
+    name = str(e.filename)
+    shown = repr(name if len(name) <= 80 else name[:60] + "..." + name[-17:])
+    return f"{shown}: {e.strerror or 'cannot be used'}; check the path you gave"

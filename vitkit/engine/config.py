@@ -22,6 +22,7 @@ import difflib
 import functools
 import json
 import math
+import os
 import re
 import reprlib
 import sys
@@ -342,8 +343,28 @@ def _set(values: dict[str, Any], key: str, value: Any, source: str, notices: lis
         raise ConfigError(f"config key '{key}' ({source}): expected {_type_name(tp)}, got {_short_repr(value)}")
     if isinstance(converted, str) and "\x00" in converted:
         raise ConfigError(f"config key '{key}' ({source}): a NUL character in {_short_repr(converted)}")
+    if key in PATH_KEYS and isinstance(converted, str) and (why := path_too_long(converted)):
+        raise ConfigError(f"config key '{key}' ({source}): {_short_repr(converted)} {why}")
     values[key] = converted
     values.setdefault("sources", {})[key] = source
+
+
+# Keys that name files or folders: each is checked against the file system's name limits when read, so a
+# name no file can have is one line here, not an OSError traceback from the first stat of it.
+PATH_KEYS = ("resume", "data_dir", "pretrained", "ckpt_path", "ckpt_save_dir", "train_split", "val_split")
+
+
+def path_too_long(path: str) -> str | None:
+    """Why no file can have this name (a component over NAME_MAX bytes, the whole over PATH_MAX), else None."""
+    try:
+        name_max, path_max = os.pathconf("/", "PC_NAME_MAX"), os.pathconf("/", "PC_PATH_MAX")
+    except (OSError, ValueError, AttributeError):  # no pathconf (Windows): the common limits
+        name_max, path_max = 255, 4096
+    size = lambda text: len(text.encode("utf-8", "surrogatepass"))  # noqa: E731 - bytes, as the kernel counts
+    if size(path) >= path_max:
+        return f"is longer than any path can be ({path_max} bytes)"
+    longest = max((size(part) for part in path.split(os.sep)), default=0)
+    return f"has a name longer than any file's ({longest} > {name_max} bytes)" if longest > name_max else None
 
 
 def _short_repr(value: Any) -> str:
@@ -473,7 +494,11 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     if "\0" in str(p):
         raise ConfigError(f"config file {str(p)!r} is not a valid path (it holds a NUL byte)")
-    if p.exists() and not p.is_file():  # a folder, a FIFO or a device would fail late or block
+    try:
+        special = p.exists() and not p.is_file()  # a folder, a FIFO or a device would fail late or block
+    except OSError as e:  # a name too long for the file system (pathlib raises it from stat)
+        raise ConfigError(f"config file {str(p)[:80]!r}... cannot be read ({e.strerror})") from None
+    if special:
         raise ConfigError(f"config file {str(p)!r} is not a regular file")
     try:
         text = p.read_text()
