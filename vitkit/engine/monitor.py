@@ -134,9 +134,11 @@ class Bar:
             self._progress.update(self._task, advance=n, **({} if info is None else {"info": info}))
 
     def update(self, *, completed: int | None = None, label: str | None = None, info: str | None = None) -> None:
+        """A discrete change (export's next step): drawn at once, so a step shorter than rich's refresh
+        interval (a quick reload) is still shown rather than skipped between two timed redraws."""
         if self._progress is not None:
             fields: dict[str, Any] = {} if info is None else {"info": info}
-            self._progress.update(self._task, completed=completed, description=label, **fields)
+            self._progress.update(self._task, completed=completed, description=label, refresh=True, **fields)
 
     def stop(self) -> None:
         if self._progress is not None:
