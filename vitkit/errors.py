@@ -3,6 +3,10 @@
 Raise these (not bare exceptions) for anything the user can fix: a missing folder, a bad key, a checkpoint
 for another model. The message says what is wrong and what to do.
 """
+from __future__ import annotations
+
+import os
+import stat
 
 
 class VitkitError(Exception):
@@ -56,8 +60,34 @@ def input_path_message(e: OSError) -> str | None:
     import errno
 
     if e.filename is None or e.errno not in (errno.ENAMETOOLONG, errno.ENOTDIR, errno.ELOOP, errno.EACCES,
-                                             errno.EPERM, errno.EISDIR, errno.ENOENT, errno.EROFS):
+                                             errno.EPERM, errno.EISDIR, errno.ENOENT, errno.EROFS, errno.EEXIST):
         return None
     name = str(e.filename)
     shown = repr(name if len(name) <= 80 else name[:60] + "..." + name[-17:])
+    if e.errno == errno.EEXIST:  # mkdir(exist_ok=True) on a path that is something else than a folder
+        what = path_problem(name, want="folder")
+        return f"{shown} {what}; give a folder (or a path that does not exist yet)" if what else None
     return f"{shown}: {e.strerror or 'cannot be used'}; check the path you gave"
+
+
+_SPECIAL = {stat.S_ISFIFO: "a FIFO (named pipe)", stat.S_ISCHR: "a character device",
+            stat.S_ISBLK: "a block device", stat.S_ISSOCK: "a socket"}
+
+
+def path_problem(path: str | os.PathLike[str], *, want: str = "file") -> str | None:
+    """Why `path` cannot be read as `want` ("file", "folder" or "file or folder"), as the end of a sentence
+    that starts with the path ("does not exist", "is a folder, not a file", "is a FIFO (named pipe), not a
+    regular file"); None when it can. Checked before a path is opened: opening a FIFO blocks until someone
+    writes to it, and a device like /dev/zero never ends."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return "does not exist"
+    except (OSError, ValueError) as e:  # a name too long, a component that is a file, a loop, a NUL byte
+        return f"cannot be used ({getattr(e, 'strerror', None) or e})"
+    if stat.S_ISDIR(mode):
+        return None if "folder" in want else "is a folder, not a file"
+    if stat.S_ISREG(mode):
+        return None if "file" in want else "is a file, not a folder"
+    kind = next(name for test, name in _SPECIAL.items() if test(mode))
+    return f"is {kind}, not {'a regular file' if 'file' in want else 'a folder'}"

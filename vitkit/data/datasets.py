@@ -27,7 +27,7 @@ from vitkit.data.hf import load_hf
 from vitkit.data.images import EXIF_ORIENTATION, IMG_EXTENSIONS, open_image  # noqa: F401 (re-exported)
 from vitkit.data.shards import open_shards
 from vitkit.data.transforms import to_rgb
-from vitkit.errors import DataError
+from vitkit.errors import DataError, path_problem
 
 log = logging.getLogger(__name__)
 
@@ -174,7 +174,7 @@ def _check_root(data_dir: str | None, *, cifar: bool, download: bool) -> Path:
         if cifar and download:
             root.mkdir(parents=True, exist_ok=True)
             return root
-        raise DataError(f"data_dir {str(root)!r} does not exist" +
+        raise DataError(f"data_dir {str(root)!r} {path_problem(root, want='folder') or 'is not a folder'}" +
                         ("; add --dataset_download to download it" if cifar else ""))
     if not any(root.iterdir()) and not (cifar and download):
         raise DataError(f"data_dir {str(root)!r} is empty")

@@ -1,8 +1,9 @@
 """Opening one image: from a file or from bytes (a shard member, a Hugging Face row), upright, undecoded.
 
-A leaf of vitkit.data (it imports nothing of vitkit), so every dataset kind can use it. An image opened from
-bytes keeps them (`encoded_bytes`) and where they came from (`source_name`): the GPU decode path reads the
-JPEG bytes of any dataset through them, without knowing whether they came from a file or a tar.
+A leaf of vitkit.data (of vitkit it imports only the leaf vitkit.errors), so every dataset kind can use it.
+An image opened from bytes keeps them (`encoded_bytes`) and where they came from (`source_name`): the GPU
+decode path reads the JPEG bytes of any dataset through them, without knowing whether they came from a file
+or a tar.
 """
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import io
 from pathlib import Path
 
 from PIL import Image, ImageOps
+
+from vitkit.errors import path_problem
 
 # Decompression-bomb guard: PIL raises DecompressionBombError above 2x this many pixels and warns above it.
 # 89.5 Mpx is PIL's own default; we set it explicitly so no other library can switch it off for us.
@@ -24,7 +27,10 @@ def open_image(path: str | Path | io.BytesIO) -> Image.Image:
     """The image at `path` (a file, or a file object such as io.BytesIO), upright: an EXIF orientation other
     than 1 is applied (as torchvision's `decode_image(apply_exif_orientation=True)` and timm's loaders do).
     Reading the tag costs no decode, so the usual image stays undecoded (a transform may still decode it at
-    reduced size); only a rotated one is decoded here."""
+    reduced size); only a rotated one is decoded here. A path that is no regular file (a FIFO named x.jpg would
+    block the open, a link to /dev/zero never ends) is an OSError: the callers' bad-image handling names it."""
+    if not isinstance(path, io.IOBase) and (why := path_problem(path)) is not None:
+        raise OSError(f"{path} {why}")
     img = Image.open(path)
     try:
         rotated = img.getexif().get(EXIF_ORIENTATION, 1) not in (1, None)

@@ -47,7 +47,7 @@ from vitkit.data.shards import (
     shard_name,
 )
 from vitkit.data.transforms import to_rgb
-from vitkit.errors import DataError
+from vitkit.errors import DataError, path_problem
 from vitkit.io import atomic_write
 
 JOURNAL = ".pack-journal.json"  # finished shards of an unfinished pack (removed once dataset.json is written)
@@ -96,6 +96,9 @@ def sample_bytes(ds: ImageDataset, i: int) -> tuple[bytes, str]:
     if os.path.isfile(path):
         with open(path, "rb") as f:
             return f.read(), _extension(path) or "bin"
+    if os.path.lexists(path) and (why := path_problem(path)) is not None:  # a FIFO named x.jpg would block
+        raise DataError(f"{path} {why}: it cannot be packed; remove it from the source (`vitkit data check` lists "
+                        f"every such file), then run the same pack again: finished shards are kept")
     buf = io.BytesIO()
     with base.load(j) as img:
         to_rgb(img).save(buf, "PNG")

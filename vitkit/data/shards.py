@@ -51,7 +51,7 @@ from torch.utils.data import Dataset
 
 from vitkit.data.images import open_bytes
 from vitkit.data.transforms import to_rgb
-from vitkit.errors import DataError
+from vitkit.errors import DataError, path_problem
 
 log = logging.getLogger(__name__)
 
@@ -515,5 +515,5 @@ def open_shards(data_dir: str, split: str) -> ShardDataset:
     if location.endswith(".json"):
         return open_packed(parent(location), split, read_meta(location))
     if not is_url(location) and not os.path.isdir(location):
-        raise DataError(f"data_dir {location!r} does not exist")
+        raise DataError(f"data_dir {location!r} {path_problem(location, want='folder') or 'is not a folder'}")
     return open_packed(location, split)

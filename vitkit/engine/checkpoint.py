@@ -28,7 +28,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from vitkit.data.preprocess import DataConfig
-from vitkit.errors import VitkitError, WeightsError
+from vitkit.errors import VitkitError, WeightsError, path_problem
 from vitkit.io import atomic_write
 from vitkit.models.vit import ViTConfig, VisionTransformer
 from vitkit.weights.formats import EMA_PREFIX
@@ -119,7 +119,10 @@ def state_path(path: str | Path) -> Path:
 
 
 def read_metadata(path: str | Path) -> dict[str, str] | None:
-    """The safetensors header metadata, or None when the file is not a safetensors file."""
+    """The safetensors header metadata, or None when the file is not a safetensors file (or not a regular
+    file: a FIFO would block the open)."""
+    if path_problem(path) is not None:
+        return None
     try:
         with safe_open(str(path), framework="pt") as f:
             return f.metadata() or {}
@@ -180,8 +183,8 @@ def load_checkpoint(path: str | Path, *, allow_nonfinite: bool = False, weights:
     WeightsError naming the file. `weights=False` checks the header the same way and reads no tensor
     (`state_dict` is empty): what the checkpoint is, for model cards and listings."""
     path = Path(path)
-    if not path.is_file():
-        raise WeightsError(f"checkpoint {path} does not exist")
+    if (why := path_problem(path)) is not None:
+        raise WeightsError(f"checkpoint {path} {why}")
     meta = read_metadata(path)
     if meta is None:
         raise WeightsError(f"{path} is not a readable safetensors file (truncated or corrupt?)")

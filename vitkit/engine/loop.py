@@ -74,7 +74,7 @@ from vitkit.engine.saver import (
     used_by_run,
 )
 from vitkit.engine.schedule import build_schedule, set_lr
-from vitkit.errors import ConfigError, DataError, VitkitError, WeightsError
+from vitkit.errors import ConfigError, DataError, VitkitError, WeightsError, path_problem
 from vitkit.models import get_spec, resolve_model_name
 from vitkit.models.vit import count_params
 from vitkit.weights import create_model, load_weights
@@ -140,11 +140,14 @@ def resolve_resume_path(cfg: Config) -> Path | None:
         if not is_complete_pair(path) and is_complete_pair(prev):
             return prev
         return path  # complete, or load_train_state says why not
-    if isinstance(cfg.resume, str) and cfg.resume:
-        return Path(cfg.resume)
-    if cfg.ckpt_path and cfg.resume_opt:
-        return Path(cfg.ckpt_path)
-    return None
+    given = [(key, value) for key, value in (("--resume", cfg.resume), ("--ckpt_path", cfg.ckpt_path))
+             if isinstance(value, str) and value and (key == "--resume" or cfg.resume_opt)]
+    if not given:
+        return None
+    key, value = given[0]
+    if (why := path_problem(value)) is not None:  # before anything is built or written
+        raise WeightsError(f"{key} {value} {why}; give the run's last.safetensors (or --resume true)")
+    return Path(value)
 
 
 def finished_run(cfg: Config) -> tuple[str, dict[str, Any]] | None:

@@ -59,7 +59,7 @@ from vitkit.args import VerbParser
 from vitkit.data.preprocess import DataConfig
 from vitkit.engine.checkpoint import read_metadata
 from vitkit.engine.monitor import Bar
-from vitkit.errors import VitkitError
+from vitkit.errors import VitkitError, path_problem
 from vitkit.models.vit import VisionTransformer
 from vitkit.tools.hub import HUB_FORMATS, export_folder
 from vitkit.tools.inference import InferenceModel, find_images, image_to_tensor, load_inference_model
@@ -206,8 +206,8 @@ class OnnxModel(nn.Module):
         super().__init__()
         path = Path(path)
         meta_file = metadata_path(path)
-        if not path.is_file():
-            raise VitkitError(f"{path} does not exist")
+        if (why := path_problem(path)) is not None:
+            raise VitkitError(f"{path} {why}")
         if not meta_file.is_file():
             raise VitkitError(f"{meta_file} is missing: an exported model needs the metadata `vitkit export` "
                               f"writes beside it (classes and preprocessing)")
@@ -521,6 +521,34 @@ def calibration_files(calib_dir: str | None, config: dict[str, Any], count: int)
     return files
 
 
+def check_writable(out: Path, *, folder: bool) -> None:
+    """Fail now, in one line, when `out` (a file, or with `folder` a folder) cannot be written: a folder where
+    a file goes, a parent that is a file, a read-only place. Checked before the export, which takes minutes;
+    creates nothing (a probe file in the nearest existing folder, removed at once)."""
+    if not folder and out.is_dir():
+        raise VitkitError(f"--out {out} is a folder; give the file to write, e.g. --out {out / 'model'}")
+    if folder and out.exists() and not out.is_dir():
+        raise VitkitError(f"--out {out} {path_problem(out, want='folder')}; give a folder to write into")
+    where = out if folder else out.parent
+    existing = next(p for p in (where, *where.parents) if p.exists())
+    if not existing.is_dir():
+        raise VitkitError(f"cannot write --out {out}: {existing} is a file, not a folder; choose another --out")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as e:
+        raise VitkitError(f"cannot write --out {out}: {e.strerror or e} ({existing}); choose another --out") \
+            from None
+
+
+def check_folder_given(folder: str) -> None:
+    """--check_images, when given, must be a folder holding images: never a silent fallback to random ones."""
+    if (why := path_problem(folder, want="folder")) is not None:
+        raise VitkitError(f"--check_images {folder} {why}; give a folder of images like the model's")
+    if not check_images(folder, 1):
+        raise VitkitError(f"--check_images {folder} holds no image files; give a folder of images like the model's")
+
+
 def metadata_path(out: Path) -> Path:
     return out.with_name(out.name + ".json")
 
@@ -663,6 +691,7 @@ def main(argv: list[str]) -> int:
     calib = (calibration_files(args.calib_dir, config, args.calib_count)
              if args.quantize and args.quant_mode == "static" else None)  # before the slow steps
     if args.check_images:
+        check_folder_given(args.check_images)
         check_folder = args.check_images
     else:
         recorded = recorded_split(config, "val_split", "val")
@@ -670,6 +699,7 @@ def main(argv: list[str]) -> int:
     check_count = args.check_count if args.check_count is not None else (QUANT_CHECK_COUNT if args.quantize else 256)
     im = load_inference_model(args.source, model_name=args.model, use_ema=args.use_ema)
     out = Path(args.out) if args.out else default_out(args.source, im.model_name, args.format, args.quantize)
+    check_writable(out, folder=args.format in HUB_FORMATS)
     if args.format in HUB_FORMATS:
         files = check_images(check_folder, min(check_count, 256))
         _, x, where = load_inputs(im, files, im.data_config.input_size)

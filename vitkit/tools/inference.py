@@ -25,7 +25,7 @@ from vitkit.data.datasets import list_images
 from vitkit.data.preprocess import DataConfig
 from vitkit.data.transforms import build_transform
 from vitkit.engine.checkpoint import is_vitkit_checkpoint, load_checkpoint
-from vitkit.errors import VitkitError, WeightsError
+from vitkit.errors import VitkitError, WeightsError, path_problem
 from vitkit.models.registry import get_spec, resolve_model_name
 from vitkit.models.vit import VisionTransformer
 from vitkit.weights import create_model, load_weights
@@ -137,6 +137,8 @@ def image_to_tensor(data: bytes | str | Path, transform: Callable[[Image.Image],
     which changes process-wide state; threaded callers use `open_image` + `decode_image`.
     """
     if isinstance(data, (str, Path)):
+        if (why := path_problem(data)) is not None:  # a FIFO would block the read, /dev/zero never end it
+            raise ImageError(f"{data} {why}", "unsupported")
         try:
             data = Path(data).read_bytes()
         except OSError as e:
@@ -154,10 +156,10 @@ def find_images(paths: list[str]) -> list[Path]:
     for p in map(Path, paths):
         if p.is_dir():
             out += map(Path, list_images(p))
-        elif p.exists():
+        elif (why := path_problem(p)) is None:
             out.append(p)
         else:
-            raise VitkitError(f"{p} does not exist")
+            raise VitkitError(f"{p} {why}")
     return out
 
 
@@ -221,6 +223,8 @@ def load_inference_model(source: str, *, model_name: str | None = None, use_ema:
         return InferenceModel(model.to(device), ckpt.model_name, ckpt.data_config, names, str(source))
     if use_ema:
         raise WeightsError("--use_ema needs a vitkit checkpoint (other weights carry no EMA copy)")
+    if Path(source).exists() and (why := path_problem(source, want="file or folder")) is not None:
+        raise WeightsError(f"{source} {why}; give a checkpoint or weights file")
     try:  # a model name in any spelling (vit_b_32, timm/vit_base_patch32_224.<tag>): its published weights
         as_name, why = (None if Path(source).exists() else resolve_model_name(source)), ""
     except KeyError as e:

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from vitkit.args import VerbParser
-from vitkit.errors import VitkitError
+from vitkit.errors import VitkitError, path_problem
 from vitkit.tools.export import DEFAULT_CHECK_IMAGES, check_images, load_inputs, recorded_split, saved_config
 from vitkit.tools.hub import HUB_FORMATS, export_folder
 from vitkit.tools.inference import InferenceModel, load_inference_model
@@ -87,7 +87,8 @@ def push(args: argparse.Namespace) -> str:
         print(f"exported {source} to {folder} (--format {args.format}; logits within "
               f"{record['check']['max_abs_diff']:.1e} of vitkit's)")
     else:
-        raise VitkitError(f"{source} does not exist: give a vitkit checkpoint or an export folder")
+        raise VitkitError(f"{source} {path_problem(source, want='file or folder') or 'cannot be read'}: give a "
+                          f"vitkit checkpoint or an export folder")
     message = args.commit_message or f"vitkit: {source.name}"
     return upload(folder, args.repo_id, private=args.private, revision=args.revision, commit_message=message)
 

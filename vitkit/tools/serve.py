@@ -64,7 +64,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from vitkit.args import VerbParser
 from vitkit.data.preprocess import DataConfig
 from vitkit.data.transforms import build_transform
-from vitkit.errors import VitkitError
+from vitkit.errors import VitkitError, path_problem
 from vitkit.tools import inference
 from vitkit.tools.export import metadata_path, onnx_session, run_sliced
 
@@ -159,8 +159,8 @@ class OnnxBackend:
 def load_backend(source: str, *, model_name: str | None = None, use_ema: bool = False, device: str = "cpu",
                  threads: int = 0) -> TorchBackend | OnnxBackend:
     if source.endswith(".onnx"):
-        if not Path(source).is_file():
-            raise VitkitError(f"{source} does not exist")
+        if (why := path_problem(source)) is not None:
+            raise VitkitError(f"{source} {why}")
         return OnnxBackend(Path(source), threads)
     if threads:
         torch.set_num_threads(threads)

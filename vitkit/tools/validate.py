@@ -36,7 +36,7 @@ from vitkit.engine.evaluate import confusion_matrix, evaluate, per_class_accurac
 from vitkit.engine.launch import detect_launcher, distributed_session, gather_objects, is_main
 from vitkit.engine.monitor import Bar, plot_confusion
 from vitkit.engine.precision import resolve_precision
-from vitkit.errors import ConfigError, DataError, WeightsError
+from vitkit.errors import ConfigError, DataError, WeightsError, path_problem
 from vitkit.models.registry import build_config, get_spec, resolve_model_name
 from vitkit.models.vit import VisionTransformer
 from vitkit.tools.export import OnnxModel
@@ -246,8 +246,8 @@ def run_validate(argv: list[str]) -> dict[str, Any]:
     cfg = load_config(rest, notices=[])  # where the weights are; `resolve` below says the notices
     ckpt = None
     if cfg.ckpt_path:
-        if not Path(cfg.ckpt_path).exists():
-            raise WeightsError(f"ckpt_path {cfg.ckpt_path} does not exist")
+        if (why := path_problem(cfg.ckpt_path, want="file or folder")) is not None:
+            raise WeightsError(f"ckpt_path {cfg.ckpt_path} {why}")
         if cfg.pretrained:
             raise ConfigError("give either ckpt_path or pretrained, not both: which weights should be validated?")
         if is_vitkit_checkpoint(cfg.ckpt_path):

@@ -36,7 +36,7 @@ from typing import Any
 import torch
 
 from vitkit.data.preprocess import DataConfig, resolve_data_config
-from vitkit.errors import WeightsError
+from vitkit.errors import WeightsError, path_problem
 from vitkit.models import registry
 from vitkit.models.registry import ModelName
 from vitkit.models.vit import VisionTransformer, count_params, resample_pos_embed
@@ -187,6 +187,8 @@ def load_weights(pretrained: bool | str | Path | PretrainedWeights, *,
         return _load_source(source)
     path = Path(text).expanduser()
     if path.exists():
+        if (why := path_problem(path, want="file or folder")) is not None:
+            raise WeightsError(f"{text} {why}; give a weights file or a model folder")
         conv = _read_local(path)
         source = None if path.is_dir() else find_source_by_file(path.name)
         if source is not None and source.format != conv.format:

@@ -53,7 +53,7 @@ import numpy as np
 import torch
 
 from vitkit.constants import IMAGENET_MEAN, IMAGENET_STD
-from vitkit.errors import WeightsError
+from vitkit.errors import WeightsError, path_problem
 from vitkit.models import registry
 from vitkit.models.registry import INCEPTION_MEAN, INCEPTION_STD
 from vitkit.weights.mindspore_ckpt import read_mindspore_ckpt
@@ -683,6 +683,8 @@ def read_file(path: str | Path) -> Converted:
     """Read one weights file of any supported format (detected from its content, not its name). The boundary
     for weights files: whatever a damaged or hostile file makes a reader raise is a one-line WeightsError."""
     path = Path(path)
+    if (why := path_problem(path)) is not None:
+        raise WeightsError(f"{path} {why}; give a weights file")
     try:
         return _read_file(path)
     except WeightsError:
