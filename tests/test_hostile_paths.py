@@ -35,6 +35,8 @@ IMAGE = sorted((SAMPLE / "test" / "cat").iterdir())[0]
 def places(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     root = tmp_path_factory.mktemp("places")
     os.mkfifo(root / "fifo")
+    (root / "shards").mkdir()
+    os.mkfifo(root / "shards" / "shard-000000.tar")
     (root / "empty").mkdir()
     (root / "file.txt").write_text("not a folder\n")
     torch.manual_seed(0)
@@ -44,7 +46,9 @@ def places(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
                            model_name="vit_n_4_32", class_names=names,
                            data_config=DataConfig(32, spec.mean, spec.std, spec.interpolation, spec.crop_pct))
     return {"fifo": str(root / "fifo"), "zero": "/dev/zero", "dir": str(root / "empty"),
-            "file": str(root / "file.txt"), "ckpt": str(ckpt), "img": str(IMAGE), "data": str(SAMPLE)}
+            "file": str(root / "file.txt"), "ckpt": str(ckpt), "img": str(IMAGE), "data": str(SAMPLE),
+            "shard": str(root / "shards" / "shard-000000.tar"),
+            "shards": str(root / "shards" / "shard-{000000..000000}.tar")}
 
 
 class Hung(BaseException):
@@ -78,6 +82,8 @@ CASES = [
      "ckpt_path {fifo} is a FIFO"),
     (["validate", "--ckpt_path", "{zero}", "--data_dir", "{data}", "--dataset", "imagefolder"],
      "ckpt_path /dev/zero is a character device"),
+    (["validate", "--ckpt_path", "{ckpt}", "--dataset", "wds", "--data_dir", "{shard}"], "shard {shard} is a FIFO"),
+    (["validate", "--ckpt_path", "{ckpt}", "--dataset", "wds", "--data_dir", "{shards}"], "shard {shard} is a FIFO"),
     (["predict", "{fifo}", "{img}"], "{fifo} is a FIFO"),
     (["predict", "{ckpt}", "{fifo}"], "{fifo} is a FIFO"),
     (["predict", "{ckpt}", "{zero}"], "/dev/zero is a character device"),

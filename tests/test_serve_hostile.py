@@ -569,7 +569,7 @@ def test_listening_beyond_loopback_needs_a_token(ckpt: Path, monkeypatch: pytest
     started: list[tuple[str, str | None]] = []
 
     class NoServer:
-        def run(self) -> None:
+        def run(self, sockets: Any = None) -> None:
             pass
 
     def fake_build_server(app: Any, host: str, port: int, on_started: Any = None) -> NoServer:
@@ -581,9 +581,44 @@ def test_listening_beyond_loopback_needs_a_token(ckpt: Path, monkeypatch: pytest
     err = capsys.readouterr().err
     assert err.startswith("error: refusing to serve on 0.0.0.0 without a token") and err.count("\n") == 1
     assert not started
-    assert cli_main(["serve", str(ckpt), "--host", "0.0.0.0", "--insecure"]) == 0
-    assert cli_main(["serve", str(ckpt), "--host", "0.0.0.0", "--token", "abc"]) == 0
+    assert cli_main(["serve", str(ckpt), "--host", "0.0.0.0", "--insecure", "--port", "0"]) == 0
+    assert cli_main(["serve", str(ckpt), "--host", "0.0.0.0", "--token", "abc", "--port", "0"]) == 0
     assert [host for host, _ in started] == ["0.0.0.0", "0.0.0.0"]
     with TestClient(started[1][1]) as client:  # the app main built does check the token
         assert client.get("/metadata").status_code == 401
         assert client.get("/metadata", headers={"Authorization": "Bearer abc"}).status_code == 200
+
+
+def test_a_port_in_use_or_an_address_not_here_is_one_line_before_the_model_loads(
+        ckpt: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    """uvicorn said these in its own `ERROR:` line after the model had loaded and exited 3; the socket is now
+    bound first."""
+    loaded: list[str] = []
+    monkeypatch.setattr(serve, "load_backend", lambda source, **kw: loaded.append(source))
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    cases = {("--port", str(port)): f"cannot listen on 127.0.0.1:{port}: Address already in use; another process",
+             ("--port", "99999"): "--port must be in 0..65535 (0: any free port), not 99999",
+             ("--port", "-1"): "--port must be in 0..65535",
+             ("--host", "no-such-host.invalid", "--insecure"): "--host no-such-host.invalid: ",
+             ("--host", "192.0.2.1", "--insecure", "--port", "0"): "cannot listen on 192.0.2.1:0: Cannot assign"}
+    with taken:
+        for args, said in cases.items():
+            assert cli_main(["serve", str(ckpt), *args]) == 2
+            err = capsys.readouterr().err
+            assert err.startswith(f"error: {said}") and err.count("\n") == 1, err
+    assert not loaded  # each refused before the model was loaded
+    sock = serve.bind_socket("127.0.0.1", 0)  # and the socket it binds is the one uvicorn serves on
+    with sock:
+        server = serve.build_server(create_app(load_backend(str(ckpt))), "127.0.0.1", 0)
+        thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+        thread.start()
+        url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        deadline = time.monotonic() + 30
+        while not server.started and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert httpx.get(url + "/health").status_code == 200
+        server.should_exit = True
+        thread.join(10)

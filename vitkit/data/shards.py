@@ -130,6 +130,8 @@ def file_size(location: str) -> int | None:
 def read_bytes(location: str) -> bytes | None:
     """A whole (small) file, None when it is not there."""
     if not is_url(location):
+        if os.path.exists(location) and (why := path_problem(location)) is not None:  # a folder, FIFO, device
+            raise DataError(f"{location} {why}; a packed dataset holds regular files")
         try:
             return Path(location).read_bytes()
         except (FileNotFoundError, NotADirectoryError):
@@ -145,6 +147,8 @@ def read_bytes(location: str) -> bytes | None:
 
 def _open_binary(location: str) -> Any:
     if not is_url(location):
+        if (why := path_problem(location)) is not None:  # a FIFO would block the open, a device never end
+            raise DataError(f"shard {location} {why}; a packed dataset holds regular files")
         return open(location, "rb")
     fs, path = _fsspec(location)
     return fs.open(path, "rb", block_size=4 << 20)

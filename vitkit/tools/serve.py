@@ -37,10 +37,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import errno
 import hmac
 import ipaddress
 import json
 import os
+import socket
 import sys
 import time
 import warnings
@@ -647,9 +649,33 @@ def listening_url(sockets: list[Any], ssl: bool = False) -> str:
     return f"{'https' if ssl else 'http'}://{f'[{host}]' if ':' in host else host}:{port}"
 
 
+def bind_socket(host: str, port: int) -> socket.socket:
+    """The service's socket, bound before the model loads: a port out of range or in use, a host name that
+    does not resolve or an address this machine does not have is one line at once (uvicorn would log its own
+    `ERROR:` line after the model loaded and exit 3). `Server.run(sockets=[it])` listens on it."""
+    if not 0 <= port <= 65535:
+        raise VitkitError(f"--port must be in 0..65535 (0: any free port), not {port}")
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+    except (socket.gaierror, UnicodeError) as e:
+        raise VitkitError(f"--host {host}: {getattr(e, 'strerror', None) or e}; give a name or address of this "
+                          f"machine (127.0.0.1, 0.0.0.0 for every interface)") from None
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: a restart reuses the port
+        sock.bind(address)
+    except OSError as e:
+        sock.close()
+        hint = ("another process listens there: stop it or pick another --port" if e.errno == errno.EADDRINUSE
+                else "give an address of this machine" if e.errno == errno.EADDRNOTAVAIL else "check --host/--port")
+        raise VitkitError(f"cannot listen on {host}:{port}: {e.strerror or e}; {hint}") from None
+    return sock
+
+
 def build_server(app: Starlette, host: str, port: int, on_started: Callable[[str], None] | None = None) -> Any:
     """A uvicorn server for `app` (uvicorn's own access log off: `AccessLog` writes ours) that calls
-    `on_started(url)` once it listens."""
+    `on_started(url)` once it listens; `.run(sockets=[bind_socket(host, port)])` serves."""
     import uvicorn
 
     class Server(uvicorn.Server):
@@ -727,6 +753,7 @@ def main(argv: list[str]) -> int:
     if args.body_timeout <= 0 or args.decode_threads < 0 or args.decode_wait_ms < 0:
         raise VitkitError("--body_timeout must be > 0, --decode_threads >= 0 and --decode_wait_ms >= 0")
     token = resolve_token(args.token, args.host, args.insecure)  # before the model loads: a refusal is instant
+    sock = bind_socket(args.host, args.port)  # so is a port in use
     backend = load_backend(args.source, model_name=args.model, use_ema=args.use_ema, device=args.device,
                            threads=args.threads)
     # Hostile files make PIL warn ("Corrupt EXIF data", "Truncated File Read", bomb sizes open_image refuses
@@ -745,5 +772,6 @@ def main(argv: list[str]) -> int:
                   "POST /predict, GET /health, GET /metadata")
         print_line(f"serving {meta['model_name']} ({meta['backend']}) at {url} ({routes}; Ctrl+C stops)")
 
-    build_server(app, args.host, args.port, started).run()
+    with sock:
+        build_server(app, args.host, args.port, started).run(sockets=[sock])
     return 0
