@@ -80,3 +80,29 @@ def test_a_path_no_file_can_have_is_one_line_in_every_verb(argv: list[str], tmp_
     said = "x.jpg does not exist" if argv[0] == "predict" else ("too long", "longer than any")  # images first
     assert (said in lines[0]) if isinstance(said, str) else any(s in lines[0] for s in said), lines[0]
     assert not any(tmp_path.iterdir())  # nothing was written
+
+
+@pytest.mark.parametrize("argv, said", [
+    (["serve", "x", "--threads", "-1"], "argument --threads: must be >= 0 (got -1)"),  # was torch's RuntimeError
+    (["serve", "x", "--topk", "0"], "argument --topk: must be >= 1 (got 0)"),  # served empty answers
+    (["serve", "x", "--max_queue", "0"], "argument --max_queue: must be >= 1"),
+    (["predict", "x", "y.jpg", "--batch_size", "0"], "argument --batch_size: must be >= 1"),
+    (["predict", "x", "y.jpg", "--max_pixels", "0"], "argument --max_pixels: must be >= 1"),
+    (["export", "x", "--check_count", "-1"], "argument --check_count: must be >= 1"),
+    (["export", "x", "--tolerance", "nan"], "argument --tolerance: must be >= 0 (got nan)"),
+    (["export", "x", "--max_top1_drop", "-1"], "argument --max_top1_drop: must be >= 0"),
+    (["export", "x", "--calib_count", "0"], "argument --calib_count: must be >= 1"),
+    (["benchmark", "--batch_size", "0"], "argument --batch_size: must be >= 1"),
+    (["benchmark", "--steps", "x"], "argument --steps: expected an integer, not 'x'"),
+    (["data", "check", "x", "--imbalance", "0.5"], "argument --imbalance: must be >= 1 (got 0.5)"),
+    (["push", "x", "a/b", "--tolerance", "-1"], "argument --tolerance: must be >= 0"),
+])
+def test_impossible_numbers_on_other_verbs_are_the_parsers_error(argv: list[str], said: str, capsys) -> None:
+    """Each was accepted before: a traceback later, an empty answer, or a check that could never pass."""
+    from vitkit.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err
+    verb = "data check" if argv[0] == "data" else argv[0]
+    assert e.value.code == 2 and err.splitlines()[-1].startswith(f"vitkit {verb}: error: {said}"), err

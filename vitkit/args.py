@@ -20,6 +20,23 @@ def underscore_flags(argv: Sequence[str]) -> list[str]:
     return out
 
 
+def at_least(low: float, kind: type = int) -> Any:
+    """An argparse `type=` for a number >= `low`: `--topk 0` or `--threads -1` is the parser's usage error at
+    once, not a traceback (torch's set_num_threads) or a silently empty answer later."""
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, not "
+                                             f"{text!r}") from None
+        if not value >= low:  # also refuses nan
+            raise argparse.ArgumentTypeError(f"must be >= {low:g} (got {text})")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
 class _Formatter(argparse.RawDescriptionHelpFormatter):
     """argparse's help, with an action's metavar shown as given when it asks (`--lr FLOAT`, not `[FLOAT ...]`)."""
 

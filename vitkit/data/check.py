@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vitkit.args import VerbParser
+from vitkit.args import VerbParser, at_least
 from vitkit.data import pack
 from vitkit.data.datasets import IMG_EXTENSIONS, list_images, open_image  # also sets the decompression-bomb limit
 from vitkit.data.loader import DECODE_ERRORS
@@ -126,7 +126,8 @@ def main(argv: Sequence[str]) -> int:
     p = VerbParser("data check", __doc__.splitlines()[0])
     p.add_argument("dir", help="dataset root or split folder")
     p.add_argument("--headers_only", action="store_true", help="verify file structure without decoding pixels")
-    p.add_argument("--imbalance", type=float, default=2.0, help="flag classes with more than this ratio of images")
+    p.add_argument("--imbalance", type=at_least(1, float), default=2.0,
+                   help="flag classes with more than this ratio of images")
     a = p.parse_args(args)
     root = Path(a.dir)
     if not root.is_dir():

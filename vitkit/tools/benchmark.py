@@ -26,7 +26,7 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
-from vitkit.args import VerbParser
+from vitkit.args import VerbParser, at_least
 from vitkit.engine.optim import create_optimizer
 from vitkit.engine.runtime import pick_device, setup_tf32
 from vitkit.models import create_model, get_spec
@@ -247,15 +247,15 @@ def environment() -> str:
 def main(argv: Sequence[str]) -> int:
     p = VerbParser("benchmark", __doc__)
     p.add_argument("--model", default="vit_b_32_224")
-    p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--batch_size", type=at_least(1), default=8)
     p.add_argument("--img_size", type=int, default=None)
     p.add_argument("--mode", choices=("infer", "train", "both"), default="both")
     p.add_argument("--precision", choices=tuple(DTYPES), default="fp32")
     p.add_argument("--compile", action="store_true", help="torch.compile both models (warm-up excluded)")
     p.add_argument("--compare", default=None, help="'timm': measure timm's same architecture in the same run")
-    p.add_argument("--steps", type=int, default=5)
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--steps", type=at_least(1), default=5)
+    p.add_argument("--warmup", type=at_least(0), default=2)
+    p.add_argument("--repeats", type=at_least(1), default=3)
     p.add_argument("--device", default="auto")
     p.add_argument("--same_optimizer", action="store_true",
                    help="train both with torch's fused AdamW (the models alone) instead of each toolkit's own AdamW")

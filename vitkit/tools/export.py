@@ -55,7 +55,7 @@ import torch
 from torch import nn
 
 import vitkit
-from vitkit.args import VerbParser
+from vitkit.args import VerbParser, at_least
 from vitkit.data.preprocess import DataConfig
 from vitkit.engine.checkpoint import read_metadata
 from vitkit.engine.monitor import Bar
@@ -464,16 +464,16 @@ def build_parser() -> VerbParser:
     p.add_argument("--use_ema", action="store_true", help="export the checkpoint's EMA weights")
     p.add_argument("--check_images", default=None, help="folder of real images for the check (default: the "
                    f"checkpoint's eval split, else {DEFAULT_CHECK_IMAGES})")
-    p.add_argument("--check_count", type=int, default=None,
+    p.add_argument("--check_count", type=at_least(1), default=None,
                    help=f"how many of them (default 256; {QUANT_CHECK_COUNT} with --quantize)")
-    p.add_argument("--tolerance", type=float, default=1e-4, help="max |difference| the check accepts")
+    p.add_argument("--tolerance", type=at_least(0, float), default=1e-4, help="max |difference| the check accepts")
     p.add_argument("--quantize", choices=("int8",), default=None, help="int8 ONNX model for CPUs (--format onnx)")
     p.add_argument("--quant_mode", choices=QUANT_MODES, default="dynamic",
                    help="dynamic: activation ranges per batch; static: calibrated on --calib_dir")
     p.add_argument("--calib_dir", default=None, help="calibration images of --quant_mode static (default: the "
                    "checkpoint's training split)")
-    p.add_argument("--calib_count", type=int, default=DEFAULT_CALIB_COUNT, help="how many of them")
-    p.add_argument("--max_top1_drop", type=float, default=DEFAULT_MAX_TOP1_DROP,
+    p.add_argument("--calib_count", type=at_least(1), default=DEFAULT_CALIB_COUNT, help="how many of them")
+    p.add_argument("--max_top1_drop", type=at_least(0, float), default=DEFAULT_MAX_TOP1_DROP,
                    help="points of top-1 int8 may lose against fp32 on the check images, else the export fails")
     return p
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from vitkit.args import VerbParser
+from vitkit.args import VerbParser, at_least
 from vitkit.engine.checkpoint import is_vitkit_checkpoint, load_checkpoint
 from vitkit.engine.monitor import Bar
 from vitkit.errors import VitkitError, WeightsError
@@ -38,9 +38,9 @@ def build_parser() -> VerbParser:
     p.add_argument("--format", choices=("table", "json", "csv"), default="table")
     p.add_argument("--model", default=None, help="architecture of a foreign weights file (see `vitkit models`)")
     p.add_argument("--use_ema", action="store_true", help="use the checkpoint's EMA weights")
-    p.add_argument("--batch_size", type=int, default=32)
+    p.add_argument("--batch_size", type=at_least(1), default=32)
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
-    p.add_argument("--max_pixels", type=int, default=inference.DEFAULT_MAX_PIXELS, help="refuse larger images")
+    p.add_argument("--max_pixels", type=at_least(1), default=inference.DEFAULT_MAX_PIXELS, help="refuse larger images")
     p.add_argument("--allow_nonfinite", action="store_true",
                    help="load weights holding NaN or inf anyway (to inspect a diverged run)")
     return p

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from vitkit.args import VerbParser
+from vitkit.args import VerbParser, at_least
 from vitkit.errors import VitkitError, path_problem
 from vitkit.tools.export import DEFAULT_CHECK_IMAGES, check_images, load_inputs, recorded_split, saved_config
 from vitkit.tools.hub import HUB_FORMATS, export_folder
@@ -29,7 +29,8 @@ def build_parser() -> VerbParser:
     p.add_argument("--private", action="store_true", help="create the repository private")
     p.add_argument("--revision", default=None, help="branch to push to (created from main when missing)")
     p.add_argument("--commit_message", default=None)
-    p.add_argument("--tolerance", type=float, default=1e-4, help="max |logits difference| of the export's check")
+    p.add_argument("--tolerance", type=at_least(0, float), default=1e-4,
+                   help="max |logits difference| of the export's check")
     return p
 
 

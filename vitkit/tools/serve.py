@@ -63,7 +63,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from vitkit.args import VerbParser
+from vitkit.args import VerbParser, at_least
 from vitkit.data.preprocess import DataConfig
 from vitkit.data.transforms import build_transform
 from vitkit.errors import VitkitError, path_problem
@@ -721,16 +721,16 @@ def build_parser() -> VerbParser:
     p.add_argument("--model", default=None, help="architecture of a foreign weights file")
     p.add_argument("--use_ema", action="store_true", help="serve the checkpoint's EMA weights")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (PyTorch backend)")
-    p.add_argument("--threads", type=int, default=0, help="intra-op threads (0: the runtime's default)")
-    p.add_argument("--topk", type=int, default=5, help="default classes per answer (?topk= overrides)")
+    p.add_argument("--threads", type=at_least(0), default=0, help="intra-op threads (0: the runtime's default)")
+    p.add_argument("--topk", type=at_least(1), default=5, help="default classes per answer (?topk= overrides)")
     p.add_argument("--max_batch_size", type=int, default=16, help="most requests run as one batch")
     p.add_argument("--max_wait_ms", type=float, default=5.0, help="how long a batch waits for more requests")
     p.add_argument("--max_upload_mb", type=float, default=10.0, help="larger uploads get 413")
     p.add_argument("--max_pixels", type=int, default=inference.DEFAULT_MAX_PIXELS, help="larger images get 413")
-    p.add_argument("--max_queue", type=int, default=1024, help="requests waiting beyond this get 503")
+    p.add_argument("--max_queue", type=at_least(1), default=1024, help="requests waiting beyond this get 503")
     p.add_argument("--max_decode_pixels", type=int, default=None,
                    help="pixels decoded at once, weighted by mode (default 3 x --max_pixels); beyond: wait, then 503")
-    p.add_argument("--decode_threads", type=int, default=0, help="image decoding threads (0: min(4, CPUs))")
+    p.add_argument("--decode_threads", type=at_least(0), default=0, help="image decoding threads (0: min(4, CPUs))")
     p.add_argument("--decode_wait_ms", type=float, default=1000.0,
                    help="how long a request waits for room in the decode budget before its 503")
     p.add_argument("--body_timeout", type=float, default=10.0,
