@@ -89,8 +89,8 @@ def test_a_path_no_file_can_have_is_one_line_in_every_verb(argv: list[str], tmp_
     (["predict", "x", "y.jpg", "--batch_size", "0"], "argument --batch_size: must be >= 1"),
     (["predict", "x", "y.jpg", "--max_pixels", "0"], "argument --max_pixels: must be >= 1"),
     (["export", "x", "--check_count", "-1"], "argument --check_count: must be >= 1"),
-    (["export", "x", "--tolerance", "nan"], "argument --tolerance: must be >= 0 (got nan)"),
-    (["export", "x", "--max_top1_drop", "-1"], "argument --max_top1_drop: must be >= 0"),
+    (["export", "x", "--tolerance", "nan"], "argument --tolerance: must be a number (got nan)"),
+    (["export", "x", "--max_top1_drop", "nan"], "argument --max_top1_drop: must be a number"),  # never failed
     (["export", "x", "--calib_count", "0"], "argument --calib_count: must be >= 1"),
     (["benchmark", "--batch_size", "0"], "argument --batch_size: must be >= 1"),
     (["benchmark", "--steps", "x"], "argument --steps: expected an integer, not 'x'"),

@@ -29,7 +29,9 @@ def at_least(low: float, kind: type = int) -> Any:
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, not "
                                              f"{text!r}") from None
-        if not value >= low:  # also refuses nan
+        if value != value:
+            raise argparse.ArgumentTypeError(f"must be a number (got {text})")
+        if not value >= low:
             raise argparse.ArgumentTypeError(f"must be >= {low:g} (got {text})")
         return value
 
