@@ -610,6 +610,8 @@ def test_a_port_in_use_or_an_address_not_here_is_one_line_before_the_model_loads
             err = capsys.readouterr().err
             assert err.startswith(f"error: {said}") and err.count("\n") == 1, err
     assert not loaded  # each refused before the model was loaded
+    with pytest.raises(VitkitError, match=r"--topk must be from 1 to 10 \(the model's classes\), not 11"):
+        create_app(load_backend(str(ckpt)), topk=11)  # every default request would have been a 400
     sock = serve.bind_socket("127.0.0.1", 0)  # and the socket it binds is the one uvicorn serves on
     with sock:
         server = serve.build_server(create_app(load_backend(str(ckpt))), "127.0.0.1", 0)

@@ -554,6 +554,8 @@ def create_app(backend: TorchBackend | OnnxBackend, *, topk: int = 5, max_batch_
     decode_threads = decode_threads or min(4, os.cpu_count() or 1)
     decoder = Decoder(backend, max_pixels, max_decode_pixels, decode_threads, decode_wait_ms / 1000.0, max_queue)
     class_names = backend.class_names
+    if not 1 <= topk <= len(class_names):  # else every request without ?topk= would get 400
+        raise VitkitError(f"--topk must be from 1 to {len(class_names)} (the model's classes), not {topk}")
     model_name = backend.metadata()["model_name"]
     stats = Stats()
     expected = token.encode() if token else None
