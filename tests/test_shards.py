@@ -461,6 +461,58 @@ def test_a_shard_cut_short_during_an_epoch_stops_it_with_one_line(packed: Path, 
         with pytest.raises(DataError) as e:
             list(_loader(ds, train=False, workers=workers))
         assert "\n" not in str(e.value) and str(e.value).startswith(f"shard {last} is truncated: ")
+    # the in-memory path (the default for small images) decodes everything up front: the same one line, not a
+    # dataset with black images counted as bad ones
+    with pytest.raises(DataError) as e:
+        build_loader(ds, data_config=DataConfig(input_size=32, crop_pct=1.0), train=False, batch_size=8,
+                     in_memory=True)
+    assert "\n" not in str(e.value) and str(e.value).startswith(f"shard {last} is truncated: ")
+
+
+def test_an_object_store_that_fails_is_one_line_naming_the_shard(packed: Path, monkeypatch) -> None:
+    """Shards behind an fsspec URL (the in-memory filesystem here stands for s3:// or gs://): a backend that
+    fails when the dataset opens, or on every retry of a read during the epoch, is one DataError naming the
+    unreachable shard, in the folder path and the in-memory path alike; never a shorter epoch."""
+    fsspec = pytest.importorskip("fsspec")
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    from vitkit.data import shards as S
+
+    fs = fsspec.filesystem("memory")
+    root = "memory://vitkit-test/cifar"
+    for f in sorted(packed.rglob("*")):
+        if f.is_file():
+            fs.pipe_file(f"/vitkit-test/cifar/{f.relative_to(packed).as_posix()}", f.read_bytes())
+    try:
+        ds = open_shards(root, "train")
+        assert len(ds) == 80 and sum(len(y) for _, y in _loader(ds, train=False)) == 80  # reachable: all of it
+        bad = ds.shards[4]
+        real_cat, real_size = MemoryFileSystem.cat_file, MemoryFileSystem.size
+
+        def flaky_cat(self, path, *a, **kw):
+            if path.endswith(bad.rsplit("/", 1)[1]):
+                raise ConnectionError("connection reset by peer")
+            return real_cat(self, path, *a, **kw)
+
+        monkeypatch.setattr(MemoryFileSystem, "cat_file", flaky_cat)
+        monkeypatch.setattr(S.time, "sleep", lambda s: None)  # the retries' back-off
+        for in_memory in (False, True):
+            with pytest.raises(DataError) as e:
+                list(build_loader(ds, data_config=DataConfig(input_size=32, crop_pct=1.0), train=False,
+                                  batch_size=8, in_memory=in_memory))
+            assert str(e.value).startswith(f"shard {bad} is unreachable (ConnectionError: connection reset")
+            assert "\n" not in str(e.value)
+
+        def down_size(self, path, *a, **kw):
+            if path.endswith(".tar"):
+                raise ConnectionError("name or service not known")
+            return real_size(self, path, *a, **kw)
+
+        monkeypatch.setattr(MemoryFileSystem, "size", down_size)  # unreachable when the dataset opens
+        with pytest.raises(DataError, match=r"^shard memory://vitkit-test/cifar/train/shard-\d+\.tar is unreachable"):
+            open_shards(root, "train")
+    finally:
+        fs.rm("/vitkit-test", recursive=True)
 
 
 # -- the same paths as folders ---------------------------------------------------------------------------------

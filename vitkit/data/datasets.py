@@ -264,6 +264,8 @@ def image_size_hint(ds: ImageDataset) -> tuple[int, int] | None:
         try:
             with ds.load(i) as img:
                 sizes[img.size] += 1
+        except DataError:  # a shard missing or cut short is the dataset's fault, not one image's
+            raise
         except Exception:  # noqa: BLE001 - unreadable files are reported by the loader
             continue
     if not sizes:
@@ -293,6 +295,8 @@ def to_memory(ds: ImageDataset, size: tuple[int, int]) -> ArrayDataset:
                 if img.size != (w, h):
                     img = img.resize((w, h), Image.Resampling.BICUBIC)
                 out[i] = torch.from_numpy(np.array(img))
+        except DataError:  # a shard missing, cut short or unreachable: never a shorter dataset of black images
+            raise
         except Exception as e:  # noqa: BLE001 - any decode failure is a bad image, reported below
             log.warning("unreadable image %s (%s: %s)", ds.path(i), type(e).__name__, e)
             bad.append(i)
