@@ -8,6 +8,7 @@ is checked.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 from pathlib import Path
 
@@ -20,6 +21,7 @@ import yaml
 from PIL import Image
 
 from vitkit.cli import main as cli_main
+from vitkit.constants import INTERPOLATIONS
 from vitkit.data.preprocess import DataConfig
 from vitkit.engine.checkpoint import load_checkpoint, save_checkpoint
 from vitkit.models import create_model, get_spec
@@ -155,6 +157,32 @@ def test_backbone_families_export_to_timm(name: str, kw: dict, tmp_path: Path) -
     with torch.no_grad():
         assert (model(x) - im.model(x)).abs().max() <= 1e-5
     assert record["architecture"] == json.loads((tmp_path / "out" / "config.json").read_text())["architecture"]
+
+
+@pytest.mark.parametrize("interpolation", INTERPOLATIONS)
+def test_every_resize_filter_reaches_timm_and_transformers_and_comes_back(interpolation: str,
+                                                                           tmp_path: Path) -> None:
+    """Each of vitkit's filters under the name the target reads ("area" is PIL's box filter: timm's "box",
+    transformers' resample 4), taken from the tables convert reads with, so the folder reads back the same."""
+    from PIL.Image import Resampling
+    from timm.data import create_transform, resolve_data_config
+    from transformers import AutoImageProcessor
+
+    from vitkit.data.augment import PIL_INTERPOLATION
+
+    im = _random("vit_ti_16_224", depth=1, img_size=32, patch_size=8, num_classes=3)
+    im.data_config = dataclasses.replace(im.data_config, interpolation=interpolation, input_size=32)
+    x = torch.randn(2, 3, 32, 32)
+    want = PIL_INTERPOLATION[interpolation]
+    export_folder(im, "timm", tmp_path / "timm", inputs=(x, "random"), tolerance=1e-4)
+    model = timm.create_model(f"local-dir:{tmp_path / 'timm'}", pretrained=True)
+    resize = create_transform(**resolve_data_config({}, model=model)).transforms[0]
+    assert Resampling(timm.data.transforms.str_to_pil_interp(model.pretrained_cfg["interpolation"])) == want
+    assert resize.interpolation.value == {"area": "box"}.get(interpolation, interpolation)  # what timm resizes with
+    assert read_folder(tmp_path / "timm").data["interpolation"] == interpolation
+    export_folder(im, "hf", tmp_path / "hf", inputs=(x, "random"), tolerance=1e-4)
+    assert Resampling(AutoImageProcessor.from_pretrained(str(tmp_path / "hf")).resample) == want
+    assert read_folder(tmp_path / "hf").data["interpolation"] == interpolation
 
 
 def test_options_the_target_cannot_express_are_refused_in_one_line(tmp_path: Path, capsys) -> None:

@@ -43,7 +43,7 @@ from vitkit.io import atomic_write
 from vitkit.models.registry import get_spec, timm_model_name
 from vitkit.models.vit import ViTConfig
 from vitkit.tools.inference import InferenceModel
-from vitkit.weights.formats import to_transformers, vitkit_to_eva
+from vitkit.weights.formats import HF_ACTS, PIL_CODES, TIMM_INTERPOLATIONS, to_transformers, vitkit_to_eva
 
 HUB_FORMATS = ("timm", "hf")
 EXPORT_RECORD = "vitkit_export.json"
@@ -68,8 +68,6 @@ _TIMM_FIXED = {"norm_eps": "timm's config.json has no LayerNorm eps (its VisionT
                "rope_temperature": "RoPE settings are fixed by timm's Eva architecture name",
                "rope_grid_indexing": "RoPE settings are fixed by timm's Eva architecture name",
                "rope_ref_grid": "RoPE settings are fixed by timm's Eva architecture name"}
-_PIL_CODES = {"nearest": 0, "lanczos": 1, "bilinear": 2, "bicubic": 3, "box": 4, "hamming": 5}
-_HF_ACTS = {"gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh", "quick_gelu": "quick_gelu"}
 
 
 def _refuse(fmt: str, field: str, value: Any, why: str, hint: str = "") -> VitkitError:
@@ -137,8 +135,8 @@ def write_timm(im: InferenceModel, folder: Path) -> dict[str, Any]:
     model, architecture, model_args = timm_model(im)
     dc = im.data_config
     pretrained_cfg = {"tag": "vitkit", "mean": list(dc.mean), "std": list(dc.std), "crop_pct": dc.crop_pct,
-                      "interpolation": dc.interpolation, "input_size": [model.patch_embed.proj.in_channels,
-                                                                        dc.input_size, dc.input_size]}
+                      "interpolation": TIMM_INTERPOLATIONS.get(dc.interpolation, dc.interpolation),
+                      "input_size": [model.patch_embed.proj.in_channels, dc.input_size, dc.input_size]}
     save_for_hf(model, str(folder), model_config={"label_names": im.class_names, "pretrained_cfg": pretrained_cfg},
                 model_args=model_args, safe_serialization=True,
                 data_config={k: pretrained_cfg[k] for k in ("mean", "std", "crop_pct", "interpolation", "input_size")})
@@ -163,11 +161,11 @@ def hf_config(im: InferenceModel) -> dict[str, Any]:
     for field, (value, needed, reason) in why.items():
         if value != needed:
             raise _refuse("hf", field, value, reason, "; --format timm may take it")
-    if a.act not in _HF_ACTS:
-        raise _refuse("hf", "act", a.act, f"transformers' activations here are {sorted(_HF_ACTS)}")
+    if a.act not in HF_ACTS:
+        raise _refuse("hf", "act", a.act, f"transformers' activations here are {sorted(HF_ACTS)}")
     names = im.class_names
     return {"hidden_size": a.embed_dim, "num_hidden_layers": a.depth, "num_attention_heads": a.num_heads,
-            "intermediate_size": a.mlp_hidden, "hidden_act": _HF_ACTS[a.act], "hidden_dropout_prob": 0.0,
+            "intermediate_size": a.mlp_hidden, "hidden_act": HF_ACTS[a.act], "hidden_dropout_prob": 0.0,
             "attention_probs_dropout_prob": 0.0, "layer_norm_eps": a.norm_eps, "image_size": a.img_size,
             "patch_size": a.patch_size, "num_channels": a.in_chans, "qkv_bias": a.qkv_bias,
             "encoder_stride": a.patch_size, "id2label": {i: n for i, n in enumerate(names)},
@@ -188,7 +186,7 @@ def write_hf(im: InferenceModel, folder: Path) -> dict[str, Any]:
     sd = to_transformers({k: v for k, v in im.model.state_dict().items() if not _is_buffer(im.model, k)})
     save_file({k: v.contiguous() for k, v in sd.items()}, str(folder / "model.safetensors"), metadata={"format": "pt"})
     dc = im.data_config
-    BitImageProcessor(do_resize=True, size={"shortest_edge": dc.resize_size}, resample=_PIL_CODES[dc.interpolation],
+    BitImageProcessor(do_resize=True, size={"shortest_edge": dc.resize_size}, resample=PIL_CODES[dc.interpolation],
                       do_center_crop=True, crop_size={"height": dc.input_size, "width": dc.input_size},
                       do_rescale=True, rescale_factor=1 / 255, do_normalize=True, image_mean=list(dc.mean),
                       image_std=list(dc.std), do_convert_rgb=True).save_pretrained(str(folder))

@@ -303,7 +303,12 @@ def _key_pattern(template: str, *, optional_vit: bool = False) -> re.Pattern[str
 _HF_READ = [(_key_pattern(theirs, optional_vit=True), ours) for ours, theirs in HF_KEYS + _HF5_KEYS]
 _HF_READ_QKV = [_key_pattern(HF_QKV[1], optional_vit=True), _key_pattern(_HF5_QKV, optional_vit=True)]
 _HF_WRITE = [(_key_pattern(ours), theirs) for ours, theirs in HF_KEYS]
-_HF_ACT = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "quick_gelu": "quick_gelu"}
+# The settings' names in the other toolkits, for both directions like HF_KEYS: the readers here and the
+# writers of `vitkit export --format hf|timm` (tools/hub.py) use these tables and their inverses.
+HF_ACTS = {"gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh", "quick_gelu": "quick_gelu"}  # vitkit -> hidden_act
+_HF_ACT = {theirs: ours for ours, theirs in HF_ACTS.items()} | {"gelu_new": "gelu_tanh"}  # read: an alias too
+PIL_CODES = {"nearest": 0, "lanczos": 1, "bilinear": 2, "bicubic": 3, "area": 4}  # vitkit -> PIL.Image.Resampling
+TIMM_INTERPOLATIONS = {"area": "box"}  # vitkit's names that timm's pretrained_cfg spells otherwise (PIL's box filter)
 
 
 def to_transformers(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -363,8 +368,7 @@ def from_transformers(sd: Mapping[str, torch.Tensor], config: Mapping[str, Any] 
     return _converted(out, "transformers", data, arch=arch, class_names=class_names, notes=notes)
 
 
-# PIL.Image.Resampling codes, as preprocessor_config.json stores them
-_PIL_RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "area"}
+_PIL_RESAMPLE = {code: name for name, code in PIL_CODES.items()}  # preprocessor_config.json's resample -> ours
 
 
 def _hf_preprocessor(path: Path) -> dict[str, Any]:
@@ -597,9 +601,11 @@ def from_timm(sd: Mapping[str, torch.Tensor], config: Mapping[str, Any] | None =
         for key in ("mean", "std"):
             if key in pcfg:
                 data[key] = tuple(pcfg[key])
-        for key in ("crop_pct", "interpolation"):
-            if key in pcfg:
-                data[key] = pcfg[key]
+        if "crop_pct" in pcfg:
+            data["crop_pct"] = pcfg["crop_pct"]
+        if "interpolation" in pcfg:
+            data["interpolation"] = {t: v for v, t in TIMM_INTERPOLATIONS.items()}.get(pcfg["interpolation"],
+                                                                                      pcfg["interpolation"])
         if "input_size" in pcfg:
             data["input_size"] = int(pcfg["input_size"][-1])
     return _converted(out, "timm", data, timm_hub=bool(config), arch=arch, notes=notes)
