@@ -121,6 +121,17 @@ def test_cli_prints_the_check_and_writes_metadata(tmp_path: Path, capsys: pytest
     assert meta["model_name"] == "vit_n_4_32" and meta["format"] == "pt2" and meta["versions"]["torch"]
 
 
+def test_default_check_images_are_found_from_any_working_directory(tmp_path: Path, monkeypatch,
+                                                                     capsys: pytest.CaptureFixture) -> None:
+    """A checkpoint that records no data and no --check_images: the bundled sample's real images, not random ones,
+    whatever folder the command runs in."""
+    ckpt = checkpoint(tmp_path / "c.safetensors", depth=1)
+    monkeypatch.chdir(tmp_path)
+    assert cli_main(["export", str(ckpt), "--format", "pt2", "--out", "m.pt2", "--check_count", "8"]) == 0
+    meta = json.loads(metadata_path(tmp_path / "m.pt2").read_text())
+    assert "random" not in json.dumps(meta["check"]) and "8 images" in capsys.readouterr().out
+
+
 @pytest.mark.slow
 def test_onnx_of_vit_b_32_224_matches_eager_on_256_cifar_images(tmp_path: Path) -> None:
     ckpt = checkpoint(tmp_path / "b32.safetensors", "vit_b_32_224", num_classes=10)

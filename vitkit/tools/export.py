@@ -58,6 +58,7 @@ import vitkit
 from vitkit.args import VerbParser, at_least
 from vitkit.data.preprocess import DataConfig
 from vitkit.engine.checkpoint import read_metadata
+from vitkit.engine.config import SAMPLE_DIR
 from vitkit.engine.monitor import Bar
 from vitkit.errors import VitkitError, path_problem
 from vitkit.models.vit import VisionTransformer
@@ -65,7 +66,7 @@ from vitkit.tools.hub import HUB_FORMATS, export_folder
 from vitkit.tools.inference import InferenceModel, find_images, image_to_tensor, load_inference_model
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".ts", "pt2": ".pt2"}
-DEFAULT_CHECK_IMAGES = "data/cifar10_sample/test"
+DEFAULT_CHECK_IMAGES = str(SAMPLE_DIR / "test")  # found from any working directory
 MAX_DIM = 4096  # upper bound of the dynamic dims torch.export reasons about (pixels / images per batch)
 QUANT_MODES = ("dynamic", "static")
 DEFAULT_MAX_TOP1_DROP = 0.5  # points of top-1 an int8 export may lose against fp32
