@@ -15,8 +15,11 @@ Static int8 (speed rows) is calibrated on 64 images of `--calib_dir` (default da
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -28,6 +31,7 @@ from typing import Any
 import torch
 
 from vitkit.data.preprocess import resolve_data_config
+from vitkit.engine.runtime import keep_large_blocks
 from vitkit.models import create_model, get_spec
 from vitkit.tools.benchmark import timm_twin
 from vitkit.tools.export import (
@@ -77,11 +81,12 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def session(path: Path, threads: int, level: str = "all") -> Any:
+def session(path: Path, threads: int, level: str = "all", arena: bool = True) -> Any:
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
+    options.enable_cpu_mem_arena = arena  # onnxruntime's own memory arena (on by default)
     options.graph_optimization_level = {"basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
                                         "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
                                         "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}[level]
@@ -124,9 +129,21 @@ def runners(name: str, batch: int, folder: Path, calib_dir: str, knobs: bool
                 return m(x)
         return run
 
-    def ort_run(path: Path, threads: int, slice_size: int | None, level: str = "all") -> Callable[[], Any]:
-        s = session(path, threads, level)
+    def ort_run(path: Path, threads: int, slice_size: int | None, level: str = "all", arena: bool = True
+                ) -> Callable[[], Any]:
+        s = session(path, threads, level, arena)
         return lambda: run_sliced(s, xn, slice_size)
+
+    def eager_threads(m: torch.nn.Module, n: int) -> Callable[[], Any]:
+        def run() -> Any:
+            before = torch.get_num_threads()
+            torch.set_num_threads(n)
+            try:
+                with torch.inference_mode():
+                    return m(x)
+            finally:
+                torch.set_num_threads(before)
+        return run
 
     main: dict[str, Callable[[], Any]] = {
         "timm fp32 eager": eager(timm),
@@ -146,17 +163,77 @@ def runners(name: str, batch: int, folder: Path, calib_dir: str, knobs: bool
         pass
     extra: dict[str, Callable[[], Any]] = {}
     if knobs:
+        slices = sorted({s for s in (cut, 8, 16, 32, 64) if s < batch})
         for kind in ("fp32", "dynamic", "static"):
-            for label, (t, level, sl) in {"threads 0 (ORT default)": (0, "all", None),
-                                          f"threads {threads}": (threads, "all", None),
-                                          "threads 1": (1, "all", None),
-                                          f"threads {threads}, EXTENDED": (threads, "extended", None),
-                                          f"threads {threads}, BASIC": (threads, "basic", None),
-                                          f"threads {threads}, slices of {cut}": (threads, "all", cut)}.items():
-                if "slices" in label and cut >= batch:
-                    continue
-                extra[f"{kind}: {label}"] = ort_run(files[kind], t, sl, level)
+            rows = {"threads 0 (ORT default)": (0, "all", None, True),
+                    f"threads {threads}": (threads, "all", None, True),
+                    "threads 1": (1, "all", None, True),
+                    f"threads {threads}, EXTENDED": (threads, "extended", None, True),
+                    f"threads {threads}, BASIC": (threads, "basic", None, True),
+                    f"threads {threads}, no memory arena": (threads, "all", None, False),
+                    **{f"threads {threads}, slices of {sl}": (threads, "all", sl, True) for sl in slices}}
+            for label, (t, level, sl, arena) in rows.items():
+                extra[f"{kind}: {label}"] = ort_run(files[kind], t, sl, level, arena)
+        for n in sorted({torch.get_num_threads(), 1}, reverse=True):  # PyTorch's backend: intra-op threads
+            extra[f"eager: vitkit fp32, torch threads {n}"] = eager_threads(model, n)
     return main, extra, cut
+
+
+# glibc malloc, set for a whole process at its start: large blocks from the heap (mmap only above 32 MiB, the most
+# glibc allows) and freed memory kept (trim above 1 GiB), instead of a fresh mmap + page faults per large tensor
+MALLOC_TUNABLES = "glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=1073741824"
+ALLOCATORS = {"glibc default": {}, "glibc, large blocks kept": {"GLIBC_TUNABLES": MALLOC_TUNABLES},
+              "vitkit's rule (mallopt at start)": {"VITKIT_BENCH_MALLOPT": "1"}}
+
+
+def allocator_child(job: str) -> int:
+    """One timing in a fresh process (its allocator set by its environment): vitkit fp32 eager and int8
+    dynamic ONNX as vitkit runs them; prints {runtime: median seconds per call} as JSON."""
+    j = json.loads(job)
+    if os.environ.get("VITKIT_BENCH_MALLOPT") == "1" and not keep_large_blocks():
+        raise SystemExit("mallopt failed")
+    model = create_model(j["name"], num_classes=10).eval()
+    model.load_state_dict(torch.load(j["state"], weights_only=True))
+    size = model.cfg.img_size
+    x = torch.randn(j["batch"], 3, size, size, generator=torch.Generator().manual_seed(0))
+    s = session(Path(j["onnx"]), cpu_count())
+    cut = batch_slice(model.cfg)
+
+    def eager() -> Any:
+        with torch.inference_mode():
+            return model(x)
+
+    med = measure({"vitkit fp32 eager": eager, "vitkit int8 dynamic": lambda: run_sliced(s, x.numpy(), cut)},
+                  j["steps"], j["repeats"])
+    print(json.dumps(med))
+    return 0
+
+
+def allocator_table(name: str, batch: int, folder: Path, calib_dir: str, steps: int, rounds: int) -> str:
+    """ALLOCATORS against each other: `rounds` fresh processes each, alternating, so drift hits both alike."""
+    model, files = build_files(name, folder, calib_dir)
+    state = folder / f"{name}.pt"
+    torch.save(model.state_dict(), state)
+    job = json.dumps({"name": name, "batch": batch, "state": str(state), "onnx": str(files["dynamic"]),
+                      "steps": steps, "repeats": 3})
+    runs: dict[str, list[dict[str, float]]] = {k: [] for k in ALLOCATORS}
+    order = list(ALLOCATORS)
+    for r in range(rounds):
+        for label in (order if r % 2 == 0 else order[::-1]):
+            env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "VITKIT_BENCH_MALLOPT")} \
+                | ALLOCATORS[label]
+            out = subprocess.run([sys.executable, __file__, "--allocator_child", job], env=env, check=True,
+                                 capture_output=True, text=True).stdout
+            runs[label].append(json.loads(out.strip().splitlines()[-1]))
+    base = order[0]
+    lines = [f"\n#### memory allocator, {name}, batch {batch} ({rounds} processes each, alternating; median)\n",
+             "| allocator | runtime | images/s | x glibc default |", "|---|---|---:|---:|"]
+    for label in order:
+        for rt in runs[label][0]:
+            t = statistics.median(m[rt] for m in runs[label])
+            t0 = statistics.median(m[rt] for m in runs[base])
+            lines.append(f"| {label} | {rt} | {batch / t:.1f} | {t0 / t:.2f} |")
+    return "\n".join(lines)
 
 
 def measure(fns: dict[str, Callable[[], Any]], steps: int, repeats: int, warmup: int = 2) -> dict[str, float]:
@@ -216,8 +293,13 @@ def main() -> int:
     p.add_argument("--test_dir", default=str(REPO / "data/cifar10_sample/test"))
     p.add_argument("--ckpt_calib_dir", default=None, help="static calibration images for --ckpt (default: the "
                    "training split its config records)")
+    p.add_argument("--allocator", type=int, default=0, metavar="ROUNDS",
+                   help="also glibc malloc settings against the default, in ROUNDS fresh processes each")
+    p.add_argument("--allocator_child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--out", default=None, help="also write the tables to this markdown file")
     a = p.parse_args()
+    if a.allocator_child:
+        return allocator_child(a.allocator_child)
     v = versions()
     try:
         load = " / ".join(Path("/proc/loadavg").read_text().split()[:3])
@@ -244,14 +326,19 @@ def main() -> int:
                                 "timm fp32 eager")
             print(table, flush=True)
             blocks.append(table)
-            for kind in ("fp32", "dynamic", "static"):  # one table per model file, against ORT's defaults
+            for kind in ("fp32", "dynamic", "static", "eager"):  # one table per model file, against the first row
                 rows = {k: med[k] for k in knob_fns if k.startswith(kind + ":")}
                 if rows:
-                    label = "fp32" if kind == "fp32" else f"int8 {kind}"
-                    ktable = speed_table(f"\n#### onnxruntime knobs, {name} {label}, batch {batch}\n", batch, rows,
+                    label = {"fp32": "onnxruntime knobs, fp32", "eager": "PyTorch knobs, fp32 eager"}.get(
+                        kind, f"onnxruntime knobs, int8 {kind}")
+                    ktable = speed_table(f"\n#### {label}, {name}, batch {batch}\n", batch, rows,
                                          next(iter(rows)))
                     print(ktable, flush=True)
                     blocks.append(ktable)
+            if a.allocator:
+                atable = allocator_table(name, batch, Path(tmp), a.calib_dir, steps, a.allocator)
+                print(atable, flush=True)
+                blocks.append(atable)
         if a.ckpt:
             acc = "\n" + accuracy(a.ckpt, a.test_dir, a.ckpt_calib_dir, Path(tmp))
             print(acc, flush=True)

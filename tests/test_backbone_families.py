@@ -10,6 +10,7 @@ registered preprocessing, sources and shapes must equal timm's pretrained cfgs.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -311,6 +312,154 @@ def test_convert_round_trip_and_validate_offline(tmp_path, name, monkeypatch, ci
                            "--val_split", "test", "--batch_size", "10", "--num_parallel_workers", "0",
                            "--device", "cpu"])
     assert result["num_images"] == 20 and 0.0 <= result["top1"] <= 100.0 and result["model"] == name
+
+
+@pytest.mark.parametrize("name", ONE_PER_FAMILY)
+def test_vitkit_export_self_check_passes_for_every_family(tmp_path, name):
+    """`vitkit export --format onnx --dynamic_size` of each family (one block, a 2x2 grid): its own check (logits
+    against eager at several batches and sizes, top-1 agreement on real images) passes."""
+    from vitkit.data.preprocess import DataConfig
+    from vitkit.engine.checkpoint import save_checkpoint
+    from vitkit.tools.export import run_export
+    from vitkit.tools.inference import load_inference_model
+
+    spec = get_spec(name)
+    img = spec.arch.patch_size * 2
+    torch.manual_seed(0)
+    model = perturb(vitkit.create_model(name, depth=1, img_size=img, num_classes=3))
+    ckpt = save_checkpoint(tmp_path / "m.safetensors", model, model_name=name, class_names=["a", "b", "c"],
+                           data_config=DataConfig(img, spec.mean, spec.std, spec.interpolation, spec.crop_pct))
+    meta = run_export(load_inference_model(str(ckpt)), "onnx", tmp_path / "m.onnx", dynamic_size=True,
+                      check_folder=str(SAMPLE / "test"), check_count=8)
+    check = meta["check"]
+    assert check["passed"] and max(check[s]["max_abs_diff"] for s in ("native_size", "other_size")) <= 1e-4
+    assert check["native_size"]["inputs"].startswith("8 images from")  # real images, not random ones
+
+
+# -- the families' own repositories' files --------------------------------------------------------------------------
+# Each writer below puts timm's tensors into the layout the family's repository publishes; the test first has timm
+# read the file back with its own reader (so the writer is checked against timm, not against vitkit), then vitkit.
+
+def dinov2_original(sd: dict) -> dict:
+    """facebookresearch/dinov2's torch.hub layout: the class token's position row beside the grid's, the
+    registers as register_tokens, a mask_token (the inverse of timm's _convert_dinov2)."""
+    out = {k: v for k, v in sd.items() if k != "reg_token"}
+    cls_pos = torch.randn(1, 1, sd["pos_embed"].shape[-1], generator=torch.Generator().manual_seed(3)) * 0.5
+    out["cls_token"], out["pos_embed"] = sd["cls_token"] - cls_pos, torch.cat([cls_pos, sd["pos_embed"]], dim=1)
+    out["register_tokens"], out["mask_token"] = sd["reg_token"], torch.zeros(1, sd["cls_token"].shape[-1])
+    return out
+
+
+def openclip_original(sd: dict) -> dict:
+    """An OpenAI CLIP / OpenCLIP state dict (`visual.*` beside the text tower; the inverse of timm's
+    _convert_openai_clip): the head is the bias-free image projection `visual.proj` (D, P)."""
+    rules = [(r"patch_embed\.proj\.weight", "conv1.weight"), (r"norm_pre\.", "ln_pre."), (r"norm\.", "ln_post."),
+             (r"blocks\.(\d+)\.norm([12])\.", r"transformer.resblocks.\1.ln_\2."),
+             (r"blocks\.(\d+)\.attn\.qkv\.", r"transformer.resblocks.\1.attn.in_proj_"),
+             (r"blocks\.(\d+)\.attn\.proj\.", r"transformer.resblocks.\1.attn.out_proj."),
+             (r"blocks\.(\d+)\.mlp\.fc1\.", r"transformer.resblocks.\1.mlp.c_fc."),
+             (r"blocks\.(\d+)\.mlp\.fc2\.", r"transformer.resblocks.\1.mlp.c_proj.")]
+    out = {"visual.class_embedding": sd["cls_token"][0, 0], "visual.positional_embedding": sd["pos_embed"][0],
+           "visual.proj": sd["head.weight"].T, "logit_scale": torch.tensor(4.6),
+           "transformer.resblocks.0.ln_1.weight": torch.ones(8)}  # a text-tower tensor, left out by the reader
+    for key, value in sd.items():
+        for pattern, repl in rules:
+            if re.match(pattern, key):
+                out["visual." + re.sub(pattern, repl, key)] = value
+                break
+    return out
+
+
+def big_vision_npz(sd: dict, num_heads: int, path: Path) -> Path:
+    """big_vision's SigLIP image tower (`params/img/`, per-block arrays, MAPHead_0): the inverse of timm's
+    _load_weights."""
+    import numpy as np
+
+    d = sd["patch_embed.proj.weight"].shape[0]
+    heads = lambda w: w.T.reshape(d, num_heads, -1)  # noqa: E731 - (out, in) -> (in, heads, head_dim)
+    out_k = lambda w: w.reshape(d, num_heads, -1).permute(1, 2, 0)  # noqa: E731 - proj (D, D) -> (heads, hd, D)
+    w = {"embedding/kernel": sd["patch_embed.proj.weight"].permute(2, 3, 1, 0),
+         "embedding/bias": sd["patch_embed.proj.bias"], "pos_embedding": sd["pos_embed"],
+         "Transformer/encoder_norm/scale": sd["norm.weight"], "Transformer/encoder_norm/bias": sd["norm.bias"]}
+
+    def attention(base: str, q_w, q_b, k_w, k_b, v_w, v_b, proj_w, proj_b) -> None:
+        for n, (kw, kb) in {"query": (q_w, q_b), "key": (k_w, k_b), "value": (v_w, v_b)}.items():
+            w[f"{base}{n}/kernel"], w[f"{base}{n}/bias"] = heads(kw), kb.reshape(num_heads, -1)
+        w[f"{base}out/kernel"], w[f"{base}out/bias"] = out_k(proj_w), proj_b
+
+    def mlp(base: str, prefix: str) -> None:
+        for r in (0, 1):
+            w[f"{base}Dense_{r}/kernel"], w[f"{base}Dense_{r}/bias"] = sd[f"{prefix}fc{r + 1}.weight"].T, \
+                sd[f"{prefix}fc{r + 1}.bias"]
+
+    depth = len({k.split(".")[1] for k in sd if k.startswith("blocks.")})
+    for i in range(depth):
+        b, p = f"Transformer/encoderblock_{i}/", f"blocks.{i}."
+        for ln, norm in (("LayerNorm_0", "norm1"), ("LayerNorm_1", "norm2")):
+            w[f"{b}{ln}/scale"], w[f"{b}{ln}/bias"] = sd[f"{p}{norm}.weight"], sd[f"{p}{norm}.bias"]
+        q, k, v = sd[f"{p}attn.qkv.weight"].chunk(3)
+        qb, kb, vb = sd[f"{p}attn.qkv.bias"].chunk(3)
+        attention(f"{b}MultiHeadDotProductAttention_0/", q, qb, k, kb, v, vb, sd[f"{p}attn.proj.weight"],
+                  sd[f"{p}attn.proj.bias"])
+        mlp(f"{b}MlpBlock_0/", f"{p}mlp.")
+    h = "MAPHead_0/"
+    w[h + "probe"] = sd["attn_pool.latent"]
+    k, v = sd["attn_pool.kv.weight"].chunk(2)
+    kb, vb = sd["attn_pool.kv.bias"].chunk(2)
+    attention(h + "MultiHeadDotProductAttention_0/", sd["attn_pool.q.weight"], sd["attn_pool.q.bias"], k, kb, v, vb,
+              sd["attn_pool.proj.weight"], sd["attn_pool.proj.bias"])
+    w[h + "LayerNorm_0/scale"], w[h + "LayerNorm_0/bias"] = sd["attn_pool.norm.weight"], sd["attn_pool.norm.bias"]
+    mlp(h + "MlpBlock_0/", "attn_pool.mlp.")
+    np.savez(path, **{f"params/img/{k}": v.detach().numpy() for k, v in w.items()})
+    return path
+
+
+@pytest.mark.parametrize("name", ["vit_s_14_reg4_dinov2", "vit_b_16_clip_224", "vit_b_16_siglip_224"])
+def test_original_repository_files_load(tmp_path, name):
+    """DINOv2's torch.hub .pth, an OpenCLIP state dict and big_vision's SigLIP .npz: timm reads the written file to
+    its own model's features (the writer is right), then `vitkit convert` reads it to the same features, with the
+    family's registered architecture and preprocessing."""
+    from timm.models.vision_transformer import _load_weights, checkpoint_filter_fn
+
+    spec = get_spec(name)
+    img = spec.arch.patch_size * 4
+    ref = timm_model(name, depth=2, img_size=img)
+    if name.endswith("clip_224"):
+        with torch.no_grad():
+            ref.head.bias.zero_()  # the projection has no bias
+    sd = {k: v.detach().clone() for k, v in ref.state_dict().items()}
+    fresh = timm.create_model(timm_model_name(name), pretrained=False, depth=2, img_size=img).eval()
+    if "siglip" in name:
+        src = big_vision_npz(sd, spec.arch.num_heads, tmp_path / "siglip.npz")
+        _load_weights(fresh, str(src))
+    else:
+        original = dinov2_original(sd) if "dinov2" in name else openclip_original(sd)
+        src = save(original, tmp_path / "original.pth")
+        fresh.load_state_dict(checkpoint_filter_fn(dict(original), fresh))
+    x = images(img)
+    with torch.no_grad():
+        assert_same(fresh.forward_features(x), ref.forward_features(x))  # timm agrees with the writer
+    dst = tmp_path / "converted.safetensors"
+    assert convert_main([str(src), str(dst), "--model", name, "--override", "depth=2", "--img_size", str(img)]) == 0
+    ckpt = load_checkpoint(dst)
+    assert ckpt.arch == spec.arch.replace(depth=2, img_size=img, num_classes=ref.num_classes)
+    assert preprocessing(ckpt.data_config.to_dict())[:3] == preprocessing(
+        {"mean": spec.mean, "std": spec.std, "crop_pct": spec.crop_pct, "interpolation": spec.interpolation})[:3]
+    assert_same_model(ckpt.build_model().eval(), ref, x)
+
+
+def test_dinov2_giant_original_names_its_swiglu_as_timm():
+    """ViT-g/14's w12/w3 (SwiGLUFFNFused) become timm's fc1/fc2: the keys equal timm's model's (meta tensors)."""
+    from vitkit.weights.formats import from_original
+
+    with torch.device("meta"):
+        ref = timm.create_model(timm_model_name("vit_g_14_reg4_dinov2"), pretrained=False, depth=1)
+    sd = {k: torch.zeros(v.shape) if k in ("pos_embed", "cls_token", "reg_token") else v
+          for k, v in ref.state_dict().items()}
+    original = {re.sub(r"mlp\.fc1", "mlp.w12", re.sub(r"mlp\.fc2", "mlp.w3", k)): v
+                for k, v in dinov2_original(sd).items()}
+    conv = from_original(original, "dinov2")
+    assert set(conv.state_dict) == set(ref.state_dict()) and conv.arch["mlp"] == "swiglu"
 
 
 @pytest.mark.parametrize("name", ONE_PER_FAMILY + ["vit_g_14_reg4_dinov2", "eva02_b_14_224", "vit_sp_16_dinov3"])

@@ -305,12 +305,14 @@ def test_invalid_options_are_refused(kw: dict, match: str) -> None:
 
 # -- export: the model's forward is what `vitkit export` wraps ------------------------------------------------
 
-ONNX_CASES = {  # one family per option: reg_tokens + no_embed_class, map, quick_gelu, swiglu + eva RoPE, dinov3 RoPE
+ONNX_CASES = {  # one family per option: reg_tokens + no_embed_class, map, quick_gelu, swiglu + eva RoPE, dinov3 RoPE,
+    # ROPE-ViT's xy grid without a position table
     "dinov2_reg4": DINOV2_REG4[2].replace(img_size=56, depth=1),
     "siglip_map": SIGLIP[2].replace(img_size=32, depth=1),
     "clip_quick_gelu": CLIP[2].replace(img_size=32, depth=1),
     "eva02_swiglu_rope": EVA02_B[2].replace(img_size=56, depth=1, rope_ref_grid=4),
     "dinov3_rope_token": DINOV3[2].replace(img_size=32, depth=1, global_pool="token"),
+    "rope_vit_xy_no_pos_embed": ROPE_VIT[2].replace(img_size=32, depth=1),
 }
 
 

@@ -25,11 +25,64 @@ REPO = Path(__file__).resolve().parents[1]
     (["--eps", "-1"], "'eps': must be > 0"),
     (["--momentum", "1.5"], "'momentum': must be in \\[0, 1\\)"),
     (["--data_dir", "/tmp/a\x00b"], "a NUL character"),
+    (["--log_interval", "0"], "'log_interval': must be >= 1"),  # was a ZeroDivisionError at the first step
+    (["--scale_lr", "--reference_batch_size", "0"], "'reference_batch_size': must be >= 1"),  # ZeroDivisionError
+    (["--reference_batch_size", "-8", "--scale_lr"], "'reference_batch_size': must be >= 1"),  # blamed lr
+    (["--loss_scale", "0"], "'loss_scale': must be > 0"),
+    (["--aug_repeats", "-1"], "'aug_repeats': must be >= 0"),
+    (["--bad_image_limit", "-1"], "'bad_image_limit': must be a share"),
+    (["--in_channels", "100000"], "'in_channels': must be 3"),  # was recorded and ignored
+    (["--mixup", "0.8", "--cutmix", "-1"], "'cutmix': must be >= 0"),  # named mixup
+    (["--color_jitter", "0.4", "0.4", "0.4", "0.9"], "'color_jitter': strengths must be >= 0"),
+    (["--re_scale", "0.5", "0.1"], "'re_scale': must be an increasing range"),
+    (["--multi_step_decay_milestones", "60", "30"], "'multi_step_decay_milestones': must be increasing"),
 ])
 def test_impossible_values_are_one_line_errors(argv: list[str], match: str) -> None:
     with pytest.raises(ConfigError, match=match) as e:
         load_config(argv, notices=[])
     assert "\n" not in str(e.value)
+
+
+# a number where -1 is meaningful: random erasing's fill value
+NEGATIVE_ALLOWED = {"re_value"}
+
+
+def test_every_numeric_key_refuses_negative_and_nan_values() -> None:
+    """The class, not the examples: any int/float key set to -1 or nan is a ConfigError naming it, unless -1
+    means something for it (NEGATIVE_ALLOWED); never a value that fails later in arithmetic."""
+    from vitkit.engine.config import FIELDS
+
+    numeric = [n for n, f in FIELDS.items() if ("int" in str(f.type) or "float" in str(f.type))
+               and not f.metadata.get("choices")]
+    assert len(numeric) > 40
+    for name in numeric:
+        for value in ("-1", "nan"):
+            if value == "-1" and name in NEGATIVE_ALLOWED:
+                continue
+            with pytest.raises(ConfigError, match=f"'{name}'|--{name}|{name}") as e:
+                load_config([f"--{name}", value], notices=[])
+            assert "\n" not in str(e.value)
+
+
+def test_a_key_written_twice_in_a_recipe_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "dup.yaml").write_text("lr: 0.1\nbatch_size: 8\nlr: 0.2\n")
+    with pytest.raises(ConfigError, match=r"key 'lr' is written twice \(lines 1 and 3\)"):
+        load_config(["-c", str(tmp_path / "dup.yaml")], notices=[])
+    (tmp_path / "merge.yaml").write_text("base: &b {lr: 0.1}\noptimizer:\n  <<: *b\n  weight_decay: 0.1\n")
+    assert load_config(["-c", str(tmp_path / "merge.yaml")], notices=[]).lr == 0.1  # merge keys still work
+
+
+def test_image_resize_follows_the_model_unless_given() -> None:
+    """The schema's 224 is MindCV's ImageNet size; a 32 px or 384 px model trains at its own size unless a recipe,
+    the command line or a checkpoint says otherwise."""
+    from vitkit.engine.config import resolve
+
+    base = ["--dataset", "imagefolder", "--data_dir", "/nowhere", "--ckpt_save_dir", "/tmp/vitkit-unused"]
+    for model, size in (("vit_n_4_32", 32), ("vit_b_16_384", 384), ("vit_b_32_224", 224)):
+        cfg = resolve(["--model", model, *base], notices=[])
+        assert cfg.image_resize == size
+    cfg = resolve(["--model", "vit_n_4_32", "--image_resize", "64", *base], notices=[])
+    assert cfg.image_resize == 64 and cfg.sources["image_resize"] == "command line"
 
 
 def test_an_alias_bomb_is_never_expanded_into_the_message(tmp_path: Path) -> None:

@@ -197,3 +197,16 @@ def test_predict_of_nonfinite_weights_is_one_error_line_unless_allowed(broken, w
     assert rc == 0, err
     results = json.loads(out, parse_constant=_no_constants)  # valid JSON: NaN probabilities are null
     assert results[0]["file"] == image and results[0]["predictions"][0]["probability"] is None
+
+
+def test_serve_refuses_nonfinite_weights_in_one_line(tmp_path, capsys, one_thread):
+    """A server of NaN weights would answer 500 to every request while /health said ok: it does not start."""
+    torch.manual_seed(0)
+    model = create_model("vit_n_4_32")
+    with torch.no_grad():
+        model.get_parameter(KEY)[0] = float("nan")
+    path = save_checkpoint(tmp_path / "nan.safetensors", model, model_name="vit_n_4_32", data_config=DataConfig(32),
+                           class_names=[f"c{i}" for i in range(10)])
+    rc, out, err = cli("serve", str(path), "--host", "127.0.0.1", "--port", "0", capsys=capsys)
+    assert rc == 2 and len(err) == 1, (out, err)
+    assert err[0].startswith(f"error: {path}: tensor {KEY} holds NaN or infinite values")

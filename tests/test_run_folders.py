@@ -185,6 +185,34 @@ def test_failed_start_leaves_nothing_behind(finished, data, tmp_path, monkeypatc
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty"] and not any((tmp_path / "empty").iterdir())
 
 
+def test_a_run_that_fails_before_its_first_checkpoint_leaves_nothing_behind(data, tmp_path, monkeypatch, capsys):
+    """A failure in the first epoch (here a shard found cut short at the first step) removes the new run's folder,
+    so the same command runs once the cause is fixed; a run that diverged keeps its logs (they say how)."""
+    from vitkit.engine import loop
+    from vitkit.errors import DataError
+
+    def cut_short(self):
+        raise DataError("shard /data/train/shard-000003.tar is truncated: 00000042.jpg needs bytes 0-9")
+
+    run = tmp_path / "runs" / "a"
+    with monkeypatch.context() as m:
+        m.setattr(loop.Trainer, "train_epoch", cut_short)
+        rc, _, err = cli(capsys, *tiny(data, "--ckpt_save_dir", str(run)))
+    assert rc == 2 and err[-1].startswith("error: shard /data/train/shard-000003.tar is truncated")
+    assert not (tmp_path / "runs").exists()
+    rc, _, _ = cli(capsys, *tiny(data, "--ckpt_save_dir", str(run), "--epoch_size", "1"))  # the same command runs
+    assert rc == 0 and (run / "last.safetensors").is_file()
+    # divergence at the first step: no checkpoint, but metrics and config stay for the diagnosis
+    def diverge(self):
+        raise loop.NonFiniteLoss(1, float("nan"), float("nan"))
+
+    with monkeypatch.context() as m:
+        m.setattr(loop.Trainer, "train_epoch", diverge)
+        rc, _, err = cli(capsys, *tiny(data, "--ckpt_save_dir", str(tmp_path / "nan")))
+    assert rc == 2 and "training diverged" in err[-1] and "no checkpoint was saved yet" in err[-1]
+    assert (tmp_path / "nan" / "config.yaml").is_file()
+
+
 # -- recipes shrunk by hand ----------------------------------------------------------------------------------------
 
 def test_epoch_size_on_the_command_line_rescales_warmup_and_decay(tmp_path):

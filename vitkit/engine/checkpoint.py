@@ -174,7 +174,8 @@ def _check_finite(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     for key, t in tensors.items():
         if not torch.isfinite(t).all():
             raise WeightsError(f"{path}: tensor {key} holds NaN or infinite values (the run diverged before this "
-                               f"save?); pass --allow_nonfinite to load it anyway for inspection")
+                               f"save?); `vitkit validate` and `vitkit predict` load it for inspection with "
+                               f"--allow_nonfinite")
 
 
 def load_checkpoint(path: str | Path, *, allow_nonfinite: bool = False, weights: bool = True) -> Checkpoint:

@@ -40,7 +40,8 @@ from vitkit.args import VerbParser
 from vitkit.constants import INTERPOLATIONS
 from vitkit.engine.checkpoint import read_metadata
 from vitkit.engine.saver import LAST, PREV
-from vitkit.errors import ConfigError  # noqa: E402  (re-exported: callers import it from here too)
+from vitkit.errors import ConfigError, VitkitError  # noqa: E402  (re-exported: callers import it from here too)
+from vitkit.models.registry import get_spec
 
 
 def _f(default: Any, help: str, group: str, choices: Sequence[Any] | None = None, **kw: Any) -> Any:
@@ -490,6 +491,31 @@ def _is_number(text: str) -> bool:
         return False
 
 
+class _RecipeLoader(yaml.SafeLoader):
+    """yaml.safe_load's loader that refuses a key written twice in one mapping (YAML keeps the last one without
+    a word, so `lr: 0.1` ... `lr: 0.2` would train at a rate the reader of the file may not have meant)."""
+
+
+def _mapping_once(loader: _RecipeLoader, node: yaml.MappingNode) -> dict[Any, Any]:
+    seen: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *defaults`, whose keys may be overridden here
+            continue
+        key = loader.construct_object(key_node)
+        try:
+            first = seen.setdefault(key, key_node.start_mark.line)
+        except TypeError:  # an unhashable key (`? [a]`): refused later as not a key name
+            continue
+        if first != key_node.start_mark.line:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"key {key!r} is written twice (lines {first + 1} and {key_node.start_mark.line + 1}); "
+                            "keep one", key_node.start_mark)
+    return loader.construct_mapping(node)
+
+
+_RecipeLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_once)
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     if "\0" in str(p):
@@ -508,7 +534,7 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
         why = e.strerror if isinstance(e, OSError) else "not a text file"
         raise ConfigError(f"config file {str(p)!r} cannot be read ({why})") from None
     try:
-        data = yaml.safe_load(text) or {}
+        data = yaml.load(text, Loader=_RecipeLoader) or {}  # noqa: S506 - a SafeLoader subclass
     except RecursionError:
         raise ConfigError(f"config file {str(p)!r} nests too deeply to be a recipe") from None
     except yaml.YAMLError as e:  # one line: where and what (str(e) spans several lines)
@@ -644,7 +670,26 @@ def validate(cfg: Config) -> Config:
     need(0 <= cfg.label_smoothing < 1, "label_smoothing", "must be in [0, 1)")
     for key in ("hflip", "vflip", "re_prob", "cutmix_prob", "mixup_switch_prob", "drop_rate", "drop_path_rate"):
         need(0 <= getattr(cfg, key) <= 1, key, "must be a probability in [0, 1]")
-    need(cfg.mixup >= 0 and cfg.cutmix >= 0, "mixup", "mixup and cutmix alphas must be >= 0")
+    need(cfg.mixup >= 0, "mixup", "must be >= 0 (a Beta distribution's alpha; 0 is off)")
+    need(cfg.cutmix >= 0, "cutmix", "must be >= 0 (a Beta distribution's alpha; 0 is off)")
+    need(cfg.log_interval >= 1, "log_interval", "must be >= 1 (steps between log lines)")
+    need(cfg.reference_batch_size is None or cfg.reference_batch_size >= 1, "reference_batch_size", "must be >= 1")
+    need(cfg.world_size >= 1, "world_size", "must be >= 1")
+    need(cfg.global_batch is None or cfg.global_batch >= 1, "global_batch", "must be >= 1")
+    need(cfg.aug_repeats >= 0, "aug_repeats", "must be >= 0 (0 and 1 are off)")
+    need(0 <= cfg.bad_image_limit <= 1, "bad_image_limit", "must be a share of an epoch's images in [0, 1]")
+    need(cfg.in_channels == 3, "in_channels", "must be 3: vitkit reads images as RGB")
+    need(cfg.loss_scale > 0, "loss_scale", "must be > 0 (fp16 gradients are multiplied by it)")
+    need(cfg.re_max_attempts >= 1, "re_max_attempts", "must be >= 1")
+    need(0 < cfg.re_scale[0] <= cfg.re_scale[1] <= 1, "re_scale", "must be an increasing range of area shares "
+                                                                    "in (0, 1]")
+    need(0 < cfg.re_ratio[0] <= cfg.re_ratio[1], "re_ratio", "must be an increasing range above 0")
+    jitter = () if cfg.color_jitter is None else (cfg.color_jitter,) if isinstance(cfg.color_jitter, (int, float)) \
+        else tuple(cfg.color_jitter)
+    need(all(v >= 0 for v in jitter) and (len(jitter) < 4 or jitter[3] <= 0.5), "color_jitter",
+         "strengths must be >= 0 (hue, the 4th, at most 0.5)")
+    need(all(m >= 0 for m in cfg.multi_step_decay_milestones) and list(cfg.multi_step_decay_milestones)
+         == sorted(cfg.multi_step_decay_milestones), "multi_step_decay_milestones", "must be increasing epochs >= 0")
     need(0 < cfg.ema_decay < 1, "ema_decay", "must be in (0, 1)")
     need(cfg.image_resize >= 1, "image_resize", "must be >= 1")
     need(cfg.val_interval >= 1, "val_interval", "must be >= 1")
@@ -825,6 +870,15 @@ def global_batch_line(cfg: Config) -> str:
             f"process{'es' if n != 1 else ''} x {accum} accumulation step{'s' if accum != 1 else ''}")
 
 
+def _native_size(model: str) -> int | None:
+    """The registered input size of `model` (any accepted spelling); None for an unknown name (refused later, in
+    one line, by whatever builds it)."""
+    try:
+        return get_spec(model).arch.img_size
+    except VitkitError:
+        return None
+
+
 def resolve(argv: Sequence[str] = (), *, defaults: dict[str, Any] | None = None, launch: Any = None,
             notices: list[str] | None = None) -> Config:
     """The run's frozen config: defaults <- YAML <- command line, validated, then completed.
@@ -853,9 +907,16 @@ def resolve(argv: Sequence[str] = (), *, defaults: dict[str, Any] | None = None,
     cfg = _build((config_path, pairs), defaults=defaults, yaml_path=None, notices=notes, defaults_source=source)
     sources = dict(cfg.sources)
     changes: dict[str, Any] = {}
+    native = _native_size(cfg.model)
+    if "image_resize" not in sources and native is not None and native != cfg.image_resize:
+        # the schema's 224 is MindCV's ImageNet size: a model made for another size (vit_n_4_32, vit_b_16_384)
+        # trains at its own, not at 224 px guessed for it
+        changes["image_resize"], sources["image_resize"] = native, f"model {cfg.model}'s input size"
+        cfg = dataclasses.replace(cfg, image_resize=native)
     if cfg.smoke:
-        changes.update(_smoke_changes(cfg))
-        sources.update(dict.fromkeys(changes, "smoke"))
+        smoke = _smoke_changes(cfg)
+        changes.update(smoke)
+        sources.update(dict.fromkeys(smoke, "smoke"))
     if cfg.overwrite and (cfg.resume or (cfg.ckpt_path and cfg.resume_opt)):
         raise ConfigError("--overwrite starts the run over and --resume continues it: pass one of them")
     run_dir = _run_dir(cfg, notes)

@@ -200,6 +200,8 @@ class Trainer:
         self._build_model()
         created = _created_by_this_run(self.run_dir)
         was_empty = created is None and self.run_dir.is_dir() and not any(self.run_dir.iterdir())
+        # what a failure before this run's first checkpoint removes (nothing when it continues another run)
+        self._fresh = (created, was_empty) if resume is None else None
         try:
             self._start(resume, argv, monitor)
         except BaseException:
@@ -233,6 +235,7 @@ class Trainer:
         self.received_signal: int | None = None  # the first stop signal this process got (`_on_signal`)
         self.stop_signal: int | None = None  # the one every rank agreed to stop on (`_stop_requested`)
         self._saved_step: int | None = None  # the step of this invocation's latest save
+        self._diverged = False  # set when a divergence ends the run (`_on_divergence`)
         if resume is not None:
             self.restore(resume)
             torn = " (the last save was interrupted; continuing from the one before)" if resume.name == PREV else ""
@@ -648,6 +651,15 @@ class Trainer:
         except Stopped as e:
             at_once = e.saved is None
             raise
+        except Exception:
+            # a failure before this new run saved anything (a bad value found at the first step, a data error):
+            # the folder goes as a failed start's does, so the same command can be run again once fixed
+            if self._fresh is not None and self._saved_step is None and not self.saver.last.is_file() \
+                    and not self._diverged:  # a diverged run's logs say how it diverged: they stay
+                at_once = True
+                if self.rank == 0:
+                    self._undo_start(*self._fresh)
+            raise
         finally:
             if not at_once:
                 self.monitor.plot_curves()
@@ -727,6 +739,7 @@ class Trainer:
             self.monitor.print(f"warning: {e}; rolled back to {last} (step {self.step}) and continuing with "
                                f"lr x{self.lr_factor:g} (rollback {rollbacks}/{MAX_ROLLBACKS})")
             return
+        self._diverged = True
         hint = ("" if self.cfg.nan_policy == "rollback" else "; or rerun with --nan_policy rollback")
         # the epoch of the step that diverged: the one being taken (a loss), or the one just taken (weights)
         epoch = (self.step - 1) // self.steps_per_epoch + 1 if isinstance(e, NonFiniteWeights) else self.epoch + 1

@@ -1,8 +1,10 @@
-"""This process's device, seeds, TF32 switch and RNG state: the one copy of each that training, evaluation and
-benchmarks use."""
+"""This process's device, seeds, TF32 switch, RNG state and CPU memory allocator: the one copy of each that
+training, evaluation and benchmarks use."""
 from __future__ import annotations
 
+import ctypes
 import random
+import sys
 from typing import Any
 
 import numpy as np
@@ -79,3 +81,24 @@ def restore_rank_rng(states: list[dict[str, Any]], rank: int, seed: int) -> None
         set_rng_state(states[rank])
     else:
         seed_all(seed + rank)
+
+
+# glibc's mallopt parameters (malloc.h) and the values `keep_large_blocks` sets: blocks up to 32 MiB (the most glibc
+# accepts on 64-bit: HEAP_MAX_SIZE / 2) come from the heap, and up to 1 GiB of freed memory stays there, instead
+# of an mmap, page faults on first touch and an munmap for every large tensor of every call.
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+MMAP_THRESHOLD, TRIM_THRESHOLD = 32 << 20, 1 << 30
+
+
+def keep_large_blocks() -> bool:
+    """Set glibc malloc to keep large blocks (above) for this process: what PyTorch's eager CPU inference of
+    large batches gains from (vit_n_4_32 at batch 128: 1.29x images/s; benchmarks/results/int8_cpu.md, allocator
+    tables, fresh processes alternating). The same as GLIBC_TUNABLES=glibc.malloc.mmap_threshold=33554432:
+    glibc.malloc.trim_threshold=1073741824 at the process start. False where there is no glibc (macOS, musl)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) and mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))

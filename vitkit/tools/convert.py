@@ -57,8 +57,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--model", help="registered name (default: inferred from the weights' sizes)")
     parser.add_argument("--num_classes", type=int, help="new head size (a fresh head if it differs)")
     parser.add_argument("--img_size", type=int, help="new input size (position embedding resampled)")
-    parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
-                        help="architecture field, e.g. num_heads=2 (repeatable)")
+    parser.add_argument("--override", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="architecture fields, e.g. --override depth=2 num_heads=2 (or the flag repeated)")
     args = parser.parse_args(list(argv) if argv is not None else None)
 
     weights = load_weights(args.src, model_name=args.model)

@@ -128,8 +128,8 @@ def format_data(fmt: str, sd: Mapping[str, torch.Tensor], *, timm_hub: bool = Fa
     width, patch = (int(proj.shape[0]), int(proj.shape[-1])) if proj is not None and proj.ndim == 4 else (0, 0)
     data: dict[str, Any]
     if fmt in ("timm", "jax"):
-        if fmt == "timm" and not _plain_vit(sd):
-            return {}  # a backbone family's: its registered preprocessing (or its hub config's) decides
+        if not _plain_vit(sd):
+            return {}  # a backbone family's (SigLIP's MAP head too): its registered preprocessing decides
         if fmt == "timm" and not timm_hub and (width, patch) not in _TIMM_SHAPES:
             return {}
         data = {"mean": INCEPTION_MEAN, "std": INCEPTION_STD, "interpolation": "bicubic",
@@ -421,8 +421,6 @@ def from_jax(w: Mapping[str, np.ndarray]) -> Converted:
         raise WeightsError("no 'embedding/kernel' array: not a Google ViT .npz checkpoint")
     big_vision = prefix.startswith("params/") or f"{prefix}pos_embedding" in w \
         or f"{prefix}Transformer/encoderblock/LayerNorm_0/scale" in w
-    if f"{prefix}MAPHead_0/probe" in w:
-        raise WeightsError("this .npz uses an attention-pool (MAP) head, which vitkit's ViT does not have")
     scan = f"{prefix}Transformer/encoderblock/LayerNorm_0/scale" in w
     t = lambda k: _jax_array(w[prefix + k])  # noqa: E731
     out: dict[str, torch.Tensor] = {}
@@ -461,6 +459,20 @@ def from_jax(w: Mapping[str, np.ndarray]) -> Converted:
         for r in (0, 1):
             out[b + f"mlp.fc{r + 1}.weight"] = g(f"{mlp}/Dense_{r}/kernel").T
             out[b + f"mlp.fc{r + 1}.bias"] = g(f"{mlp}/Dense_{r}/bias")
+    if prefix + "MAPHead_0/probe" in w:  # SigLIP's attention-pool head (big_vision MAPHead; timm AttentionPoolLatent)
+        head, attn = "MAPHead_0/", "MAPHead_0/MultiHeadDotProductAttention_0/"
+        out["attn_pool.latent"] = t(head + "probe")
+        out["attn_pool.q.weight"] = t(attn + "query/kernel").flatten(1).T
+        out["attn_pool.q.bias"] = t(attn + "query/bias").reshape(-1)
+        out["attn_pool.kv.weight"] = torch.cat([t(f"{attn}{n}/kernel").flatten(1).T for n in ("key", "value")])
+        out["attn_pool.kv.bias"] = torch.cat([t(f"{attn}{n}/bias").reshape(-1) for n in ("key", "value")])
+        out["attn_pool.proj.weight"] = t(attn + "out/kernel").permute(2, 0, 1).flatten(1)
+        out["attn_pool.proj.bias"] = t(attn + "out/bias")
+        out["attn_pool.norm.weight"], out["attn_pool.norm.bias"] = t(head + "LayerNorm_0/scale"), \
+            t(head + "LayerNorm_0/bias")
+        for r in (0, 1):
+            out[f"attn_pool.mlp.fc{r + 1}.weight"] = t(f"{head}MlpBlock_0/Dense_{r}/kernel").T
+            out[f"attn_pool.mlp.fc{r + 1}.bias"] = t(f"{head}MlpBlock_0/Dense_{r}/bias")
     arch = infer_arch(out)
     if num_heads:
         arch["num_heads"] = int(num_heads)
@@ -611,9 +623,32 @@ def from_timm(sd: Mapping[str, torch.Tensor], config: Mapping[str, Any] | None =
     return _converted(out, "timm", data, timm_hub=bool(config), arch=arch, notes=notes)
 
 
+# -- the families' own repositories ------------------------------------------------------------------------------
+
+def from_original(sd: Mapping[str, torch.Tensor], source: str) -> Converted:
+    """A family's file as its own repository publishes it, renamed into timm's layout by timm's own converters
+    (timm/models/vision_transformer.py, which timm's checkpoint_filter_fn applies to the same files): "dinov2" is
+    facebookresearch/dinov2's torch.hub state dict (register_tokens, mask_token, the class token's position row,
+    ViT-g's w12/w3), "openclip" an OpenAI CLIP / OpenCLIP state dict (`visual.*`; the text tower is left out).
+    big_vision's SigLIP .npz goes through `from_jax`. The preprocessing is the family's registered one."""
+    from timm.models import vision_transformer as timm_vit
+
+    if source == "dinov2":
+        out, note = timm_vit._convert_dinov2(dict(sd), None), "facebookresearch/dinov2 layout renamed as timm does"
+    else:
+        out = timm_vit._convert_openai_clip(dict(sd), None)  # `module.` is stripped before (`_strip_prefixes`)
+        note = "OpenAI CLIP / OpenCLIP image tower renamed as timm does (the text tower is not part of it)"
+    conv = from_timm(out)
+    return _converted(conv.state_dict, source, arch=conv.arch, notes=[note, *conv.notes])
+
+
 def _detect_and_convert(sd: dict[str, torch.Tensor], origin: str) -> Converted:
     """Pick the format from the key names of a plain tensor dict."""
     keys = set(sd)
+    if "mask_token" in keys and "patch_embed.proj.weight" in keys:
+        return from_original(sd, "dinov2")
+    if "visual.class_embedding" in keys:
+        return from_original(sd, "openclip")
     if "conv_proj.weight" in keys or "encoder.pos_embedding" in keys:
         return from_torchvision(sd)
     if any(k.endswith("embeddings.patch_embeddings.projection.weight") for k in keys):
@@ -625,7 +660,8 @@ def _detect_and_convert(sd: dict[str, torch.Tensor], origin: str) -> Converted:
         return from_timm(sd)
     sample = ", ".join(sorted(keys)[:5])
     raise WeightsError(f"{origin}: unrecognised weights (first keys: {sample}); vitkit reads timm, torchvision, "
-                       f"Hugging Face transformers, Google .npz and MindCV .ckpt ViT weights")
+                       f"Hugging Face transformers, Google / big_vision .npz, MindCV .ckpt, DINOv2 and OpenCLIP "
+                       f"ViT weights")
 
 
 # -- files and folders -------------------------------------------------------------------------------------------
