@@ -102,3 +102,16 @@ def keep_large_blocks() -> bool:
     except (OSError, AttributeError):
         return False
     return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) and mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+
+
+LARGE_BATCH = 32  # images per call from which CPU inference keeps large blocks (`cpu_inference_allocator`)
+
+
+def cpu_inference_allocator(device: str | torch.device, batch_size: int) -> bool:
+    """The rule vitkit applies, measured in fresh processes (benchmarks/results/int8_cpu.md): inference on the CPU
+    in batches of LARGE_BATCH images or more (validate, predict of many files) keeps large blocks
+    (`keep_large_blocks`: PyTorch eager 1.27x at batch 128, 1.02-1.05x at 8); below it glibc's defaults stay
+    (0.92x at batch 1, so `vitkit serve`, whose batches are what arrives, keeps them too). True when applied."""
+    if torch.device(device).type != "cpu" or batch_size < LARGE_BATCH:
+        return False
+    return keep_large_blocks()

@@ -21,6 +21,7 @@ import torch
 from vitkit.args import VerbParser, at_least
 from vitkit.engine.checkpoint import is_vitkit_checkpoint, load_checkpoint
 from vitkit.engine.monitor import Bar
+from vitkit.engine.runtime import cpu_inference_allocator
 from vitkit.errors import VitkitError, WeightsError
 from vitkit.models.registry import get_spec, resolve_model_name
 from vitkit.tools import inference
@@ -142,6 +143,7 @@ def main(argv: list[str]) -> int:
         print("error: no image files found in " + ", ".join(args.inputs), file=sys.stderr)
         return 2
     im = load_model(args)
+    cpu_inference_allocator(args.device, min(len(files), args.batch_size))
     results = predict_files(im, files, topk=args.topk, batch_size=args.batch_size, max_pixels=args.max_pixels,
                             progress=Bar("predict", enabled=len(files) > 1))
     print(format_results(results, args.format))

@@ -36,6 +36,7 @@ from vitkit.engine.evaluate import confusion_matrix, evaluate, per_class_accurac
 from vitkit.engine.launch import detect_launcher, distributed_session, gather_objects, is_main
 from vitkit.engine.monitor import Bar, plot_confusion
 from vitkit.engine.precision import resolve_precision
+from vitkit.engine.runtime import cpu_inference_allocator
 from vitkit.errors import ConfigError, DataError, WeightsError, path_problem
 from vitkit.models.registry import build_config, get_spec, resolve_model_name
 from vitkit.models.vit import VisionTransformer
@@ -281,6 +282,7 @@ def run_validate(argv: list[str]) -> dict[str, Any]:
         if precision.notice and is_main():
             print(precision.notice, file=sys.stderr)
         model.to(info.device, dtype=precision.param_dtype)
+        cpu_inference_allocator(info.device, cfg.batch_size)
         want_samples = bool(opts.per_class or opts.confusion_matrix or opts.mistakes)
         result = evaluate(model, loader, device=info.device, amp_dtype=precision.eval_dtype,
                           num_classes=model.num_classes, collect=want_samples,
