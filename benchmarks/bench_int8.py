@@ -61,12 +61,17 @@ NOTES = """
   MatMuls stay fp32. Dynamic: uint8 activations ranged per batch at run time. Static: the linear layers' input
   ranges calibrated (MinMax) on training images, QDQ format, their outputs left float (re-quantized outputs made
   the logits 256 levels with tied top classes). No quant_pre_process (it changed neither speed nor top-1).
-- threads: `intra_op_num_threads` set to the CPUs the process may use instead of 0 (the knob tables' "threads
-  N" vs "threads 0"); graph optimization stays ORT_ENABLE_ALL (BASIC does not fuse QDQ: static int8 collapses).
+- threads: `intra_op_num_threads` set to the CPUs the process may use (its affinity mask) instead of 0 (the knob
+  tables' "threads N" vs "threads 0"); graph optimization stays ORT_ENABLE_ALL and the memory arena on (BASIC does
+  not fuse QDQ: static int8 collapses; EXTENDED and the arena off move both ways from run to run).
 - slices: a batch runs in slices of `batch_slice(cfg)` images (the largest power of two whose MLP activations,
   images x tokens x MLP width x 4 bytes, fit in 6 MiB, at least 8): 32 for vit_n_4_32, 8 for vit_b_32_224.
-- `threads 1` beats 2 threads while other processes keep the cores busy; on a quiet machine it lost (0.56-0.90x)
-  everywhere but vit_n_4_32 at batch 1, so it is not a default (`vitkit serve --threads 1` sets it).
+- `threads 1` beats 2 threads while other processes keep the cores busy; on a quiet machine it loses, so it is
+  not a default (`vitkit serve --threads 1` sets it).
+- allocator: CPU inference in batches of 32 or more (validate, predict of many files) keeps glibc's large blocks
+  (`vitkit.engine.runtime.cpu_inference_allocator`, by mallopt: the "vitkit's rule" rows); smaller batches and
+  `vitkit serve` keep glibc's defaults, which won at batch 1.
+- torch.ao's dynamic int8 (deprecated in torch 2.14) is a row for comparison, not a vitkit path.
 """
 REPO = Path(__file__).resolve().parents[1]
 
@@ -284,7 +289,7 @@ def accuracy(ckpt: str, test_dir: str, calib_dir: str | None, folder: Path) -> s
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--cases", nargs="+", default=DEFAULT_CASES, help="MODEL:BATCH ...")
+    p.add_argument("--cases", nargs="*", default=DEFAULT_CASES, help="MODEL:BATCH ... (none: --ckpt alone)")
     p.add_argument("--steps", type=int, default=None, help="calls per timing (default: about 32 images, >= 3)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--knobs", action="store_true", help="also onnxruntime's knobs one by one")

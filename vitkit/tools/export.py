@@ -150,9 +150,11 @@ def cpu_count() -> int:
 
 def onnx_session(path: str | Path, *, threads: int = 0) -> Any:
     """An onnxruntime CPU session of `path` (fp32 or int8) with `threads` intra-op threads; 0 means one per
-    CPU this process may use, set explicitly: measured 1.04-1.37x faster than onnxruntime's own default (0)
-    at batch 1 to 128 (benchmarks/results/int8_cpu.md). The graph optimization level stays onnxruntime's
-    ORT_ENABLE_ALL (EXTENDED measured the same; BASIC does not fuse int8 QDQ pairs: 0.2-0.7x)."""
+    CPU this process may use (its affinity mask: a container's share, not the host's), set explicitly: 0.97-1.23x
+    onnxruntime's own default (0) at batch 1 to 128 on a 2-CPU AMD EPYC, 1.04-1.37x on an Intel Xeon
+    (benchmarks/results/int8_cpu.md, knob tables). The graph optimization level and the memory arena stay
+    onnxruntime's (ORT_ENABLE_ALL, arena on): EXTENDED measured 0.72-1.29x, the arena off 0.96-1.29x, neither
+    a gain that holds; BASIC does not fuse int8 QDQ pairs (static int8 0.24-0.62x)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -163,8 +165,9 @@ def onnx_session(path: str | Path, *, threads: int = 0) -> Any:
 def batch_slice(cfg: Any) -> int:
     """Images per onnxruntime call on a CPU: the largest power of two whose MLP hidden activations (images x
     tokens x MLP width x 4 bytes) fit in SLICE_BYTES, at least MIN_SLICE; a larger batch runs in slices of it.
-    Measured (int8_cpu.md): vit_n_4_32 at batch 128 in slices of 32 1.3x (fp32) and 1.6x (int8) faster,
-    vit_b_32_224 sliced to 8 at batch 32 1.04-1.14x, and at batch 8 slices of 4 or 2 lost (0.82-0.95x)."""
+    Measured (int8_cpu.md, knob tables, AMD EPYC): vit_n_4_32 at batch 128 in slices of 32 1.08x (fp32), 1.12x
+    (int8 dynamic) and 1.13x (static) the whole batch in one call, every slice of 8-64 1.04-1.22x; an Intel Xeon
+    gave 1.3x / 1.6x; vit_b_32_224 (slice 8) runs batches up to 8 in one call."""
     tokens = (cfg.img_size // cfg.patch_size) ** 2 + int(cfg.class_token) + cfg.reg_tokens
     per_image = tokens * int(cfg.embed_dim * cfg.mlp_ratio) * 4
     fits = max(1, SLICE_BYTES // per_image)

@@ -723,7 +723,8 @@ def build_parser() -> VerbParser:
     p.add_argument("--model", default=None, help="architecture of a foreign weights file")
     p.add_argument("--use_ema", action="store_true", help="serve the checkpoint's EMA weights")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (PyTorch backend)")
-    p.add_argument("--threads", type=at_least(0), default=0, help="intra-op threads (0: the runtime's default)")
+    p.add_argument("--threads", type=at_least(0), default=0,
+                   help="intra-op threads (0: one per CPU this process may use; PyTorch: its own default)")
     p.add_argument("--topk", type=at_least(1), default=5, help="default classes per answer (?topk= overrides)")
     p.add_argument("--max_batch_size", type=int, default=16, help="most requests run as one batch")
     p.add_argument("--max_wait_ms", type=float, default=5.0, help="how long a batch waits for more requests")
