@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from vitkit.args import VerbParser, at_least
 from vitkit.engine.optim import create_optimizer
-from vitkit.engine.runtime import pick_device, setup_tf32
+from vitkit.engine.runtime import keep_large_blocks, pick_device, setup_tf32
 from vitkit.models import create_model, get_spec
 from vitkit.models.registry import count_macs, timm_model_name
 from vitkit.models.vit import ViTConfig, VisionTransformer
@@ -169,6 +169,12 @@ def run(
     against the data sheet's dense peak of a known GPU."""
     dev = pick_device(device)
     setup_tf32(dev)  # the fp32 fast path on Ampere and later, as training uses
+    if dev.type == "cpu" and compare:
+        # Both models' weights from the same heap: with glibc's defaults the model built first (vitkit's) gets each
+        # large weight in an mmap of its own and the one built after partly from the heap, which alone made DeiT III
+        # 0.935x timm when it was the process's first model and 1.064x when it was the second (2026-12-06, AMD
+        # EPYC); with this both ways measured 1.056-1.068x.
+        keep_large_blocks()
     torch.manual_seed(0)
     ours = create_model(model_name, img_size=img_size).to(dev)
     impls = {"vitkit": ours}
