@@ -726,7 +726,7 @@ DEMO_RECIPE: dict[str, Any] = {
     "warmup_epochs": 1, "warmup_factor": 0.01, "min_lr": 1e-5, "label_smoothing": 0.1, "val_while_train": True,
     "ckpt_save_dir": "runs/demo", "keep_checkpoint_max": 2, "log_interval": 20,
 }
-SMOKE_IMAGES, SMOKE_VAL_IMAGES, SMOKE_EPOCHS = 32, 32, 2
+SMOKE_IMAGES, SMOKE_VAL_IMAGES, SMOKE_EPOCHS, SMOKE_ACCUMULATION = 32, 32, 2, 2
 # Keys a resumed checkpoint's config does not lend: where that invocation stopped, and what resolve derives.
 NOT_FROM_CHECKPOINT = ("resume", "max_steps", "world_size", "global_batch", "overwrite")
 RUN_STAMP = "%Y%m%d-%H%M%S"  # a new run's folder under the default ckpt_save_dir: ./ckpt/20261202-153012
@@ -833,7 +833,10 @@ def _smoke_changes(cfg: Config) -> dict[str, Any]:
     }
     if cfg.decay_epochs is not None:
         changes["decay_epochs"] = cfg.decay_epochs * SMOKE_EPOCHS / cfg.epoch_size
-    changes["num_samples"] = max(SMOKE_IMAGES, 2 * changes["batch_size"] * cfg.gradient_accumulation_steps)
+    # accumulation stays on (its code path is part of what a smoke run checks) but short: a recipe's 8 micro-batches
+    # per step would need 128 images where a smoke run has a few dozen
+    changes["gradient_accumulation_steps"] = min(cfg.gradient_accumulation_steps, SMOKE_ACCUMULATION)
+    changes["num_samples"] = max(SMOKE_IMAGES, 2 * changes["batch_size"] * changes["gradient_accumulation_steps"])
     if cfg.num_samples:
         changes["num_samples"] = min(cfg.num_samples, changes["num_samples"])
     return changes
